@@ -1,0 +1,13 @@
+"""nearstore: near-storage processing for deep learning.
+
+Layers (dependencies point down): ``cli`` -> ``loader`` / ``bench`` -> ``store`` / ``ops`` -> ``core``.
+"""
+
+from nearstore.core.errors import *  # noqa: F401,F403
+from nearstore.loader import Batch, Loader
+from nearstore.ops import Pipeline, standard_train
+from nearstore.store import Store, SynthSpec, ingest, synth_folder
+
+__version__ = "0.1.0"
+
+__all__ = ["Batch", "Loader", "Pipeline", "standard_train", "Store", "SynthSpec", "ingest", "synth_folder"]

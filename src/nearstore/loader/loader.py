@@ -1,0 +1,291 @@
+"""The loader: global order, rank share, batches built in parallel, exact resume, stats.
+
+Batch i of an epoch is a pure function of (dataset, seed, epoch, rank,
+world_size, batch_size, i), so the loader's state is (epoch, batches yielded)
+and resuming needs nothing else. Worker threads build whole batches (the
+decode and resize kernels release the GIL) straight into a preallocated array
+whose shape comes from the pipeline's declared output spec.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+import numpy as np
+
+from nearstore.core.errors import ConfigError, NearstoreError, ResumeStateError
+from nearstore.loader.order import Remainder, batch_bounds, epoch_order, num_batches, rank_share
+from nearstore.loader.sources import Fetched, LocalSource, SampleSource
+from nearstore.ops.base import Spec
+from nearstore.ops.pipeline import Pipeline, input_spec
+
+__all__ = ["Loader", "Batch", "LoaderStats", "SampleError"]
+
+STATE_VERSION = 1
+
+
+class SampleError(NearstoreError, ValueError):
+    """A sample failed (read, checksum or an op) and on_error='raise'; names shard and key."""
+
+
+@dataclass
+class Batch:
+    """One batch: ``data`` is an (n, *shape) array when the output shape is fixed, else a list."""
+
+    data: Any
+    labels: np.ndarray
+    keys: list[str]
+    ids: np.ndarray
+    epoch: int
+    index: int
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class LoaderStats:
+    samples: int = 0
+    batches: int = 0
+    bytes_read: int = 0
+    skipped: int = 0
+    skipped_samples: list[dict] = field(default_factory=list)
+    op_seconds: dict[str, float] = field(default_factory=dict)
+    fetch_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.wall_seconds if self.wall_seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "samples": self.samples,
+            "batches": self.batches,
+            "bytes_read": self.bytes_read,
+            "skipped": self.skipped,
+            "skipped_samples": self.skipped_samples[:100],
+            "op_seconds": dict(self.op_seconds),
+            "fetch_seconds": self.fetch_seconds,
+            "wait_seconds": self.wait_seconds,
+            "wall_seconds": self.wall_seconds,
+            "samples_per_second": self.samples_per_second,
+        }
+
+
+class Loader:
+    """Iterate a store through a pipeline, in batches, deterministically.
+
+    Keyword-only configuration, checked here: ``batch_size``, ``seed``,
+    ``shuffle``, ``rank``/``world_size`` with ``remainder`` ('pad' or 'drop'),
+    ``drop_last`` (a short last batch), ``workers`` (host threads), ``prefetch``
+    (batches in flight), ``on_error`` ('raise' or 'skip': skipped samples are
+    counted in ``stats``).
+    """
+
+    def __init__(
+        self,
+        store: Any = None,
+        *,
+        pipeline: Pipeline | list,
+        batch_size: int = 64,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        remainder: Remainder = "pad",
+        drop_last: bool = False,
+        workers: int = 2,
+        prefetch: int = 4,
+        on_error: Literal["raise", "skip"] = "raise",
+        source: SampleSource | None = None,
+    ) -> None:
+        if (store is None) == (source is None):
+            raise ConfigError("give exactly one of store (a path or Store) or source")
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1 (got {workers})")
+        if prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1 (got {prefetch})")
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+        self.pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
+        self.source: SampleSource = source if source is not None else LocalSource(store)
+        self.manifest = self.source.manifest
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size, self.remainder, self.drop_last = rank, world_size, remainder, drop_last
+        self.workers, self.prefetch, self.on_error = workers, prefetch, on_error
+        rank_share(np.arange(1), rank=rank, world_size=world_size, remainder=remainder)  # validates
+        self.specs: list[Spec] = self.pipeline.declare(
+            input_spec(
+                self.manifest.payload,
+                mean_bytes=self.manifest.mean_payload_bytes,
+                mean_hw=(self.manifest.mean_height, self.manifest.mean_width),
+            )
+        )
+        self.output_spec = self.specs[-1]
+        self.epoch = 0
+        self._batches_done = 0
+        self.stats = LoaderStats()
+        self._stats_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- order -------------------------------------------------------------
+    def share(self, epoch: int) -> np.ndarray:
+        order = epoch_order(
+            self.manifest.num_samples, seed=self.seed, epoch=epoch, fingerprint=self.manifest.fingerprint,
+            shuffle=self.shuffle,
+        )
+        return rank_share(order, rank=self.rank, world_size=self.world_size, remainder=self.remainder)
+
+    def __len__(self) -> int:
+        return num_batches(len(self.share(self.epoch)), self.batch_size, drop_last=self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch at the next iteration."""
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0 (got {epoch})")
+        self.epoch, self._batches_done = epoch, 0
+
+    # -- state ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batches_done": self._batches_done,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "fingerprint": self.manifest.fingerprint,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "remainder": self.remainder,
+            "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
+            "pipeline": self.pipeline.to_json(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ResumeStateError(f"not a nearstore loader state (version {STATE_VERSION}): {str(state)[:80]}")
+        mine = self.state_dict()
+        for key in ("seed", "shuffle", "fingerprint", "rank", "world_size", "remainder", "batch_size", "drop_last",
+                    "pipeline"):
+            if state.get(key) != mine[key]:
+                raise ResumeStateError(
+                    f"state_dict {key}={state.get(key)!r} does not match this loader's {key}={mine[key]!r}; "
+                    "resume with the same dataset, seed, rank layout, batch size and pipeline"
+                )
+        self.epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
+
+    # -- iteration -------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self.epoch, self._batches_done
+        share = self.share(epoch)
+        total = num_batches(len(share), self.batch_size, drop_last=self.drop_last)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nearstore-host")
+        pending: deque[Future] = deque()
+        nxt = start
+        t_start = time.perf_counter()
+        try:
+            while nxt < total and len(pending) < self.prefetch:
+                pending.append(self._pool.submit(self._build, epoch, nxt, share))
+                nxt += 1
+            while pending:
+                t0 = time.perf_counter()
+                batch = pending.popleft().result()
+                waited = time.perf_counter() - t0
+                if nxt < total:
+                    pending.append(self._pool.submit(self._build, epoch, nxt, share))
+                    nxt += 1
+                self._batches_done = batch.index + 1
+                with self._stats_lock:
+                    self.stats.wait_seconds += waited
+                    self.stats.batches += 1
+                    self.stats.wall_seconds += time.perf_counter() - t_start
+                t_start = time.perf_counter()
+                yield batch
+        finally:
+            for f in pending:
+                f.cancel()
+        self.epoch, self._batches_done = epoch + 1, 0
+
+    def _build(self, epoch: int, index: int, share: np.ndarray) -> Batch:
+        lo, hi = batch_bounds(index, len(share), self.batch_size)
+        ids = share[lo:hi]
+        t0 = time.perf_counter()
+        fetched = self.source.fetch(ids, epoch=epoch)
+        fetch_s = time.perf_counter() - t0
+        spec = self.output_spec
+        buf = np.empty((len(ids), *spec.shape), dtype=spec.dtype) if spec.fixed else [None] * len(ids)
+        keys: list[str] = []
+        labels: list[int] = []
+        kept: list[int] = []
+        timings: dict[str, float] = {}
+        skipped: list[dict] = []
+        nbytes = 0
+        for f in fetched:
+            slot = buf[len(keys)] if spec.fixed else None
+            ok, out = self._run_one(f, epoch, timings, skipped, slot)
+            if not ok:
+                continue
+            if slot is None:
+                buf[len(keys)] = out
+            keys.append(f.key)
+            labels.append(f.label)
+            kept.append(f.sample)
+            nbytes += f.nbytes
+        data = buf[: len(keys)]
+        with self._stats_lock:
+            st = self.stats
+            st.samples += len(keys)
+            st.bytes_read += nbytes
+            st.fetch_seconds += fetch_s
+            st.skipped += len(skipped)
+            st.skipped_samples.extend(skipped)
+            for k, v in timings.items():
+                st.op_seconds[k] = st.op_seconds.get(k, 0.0) + v
+        return Batch(data, np.asarray(labels, np.int64), keys, np.asarray(kept, np.int64), epoch, index)
+
+    def _run_one(
+        self, f: Fetched, epoch: int, timings: dict, skipped: list, slot: np.ndarray | None
+    ) -> tuple[bool, Any]:
+        """(ok, output): the output is written into ``slot`` when one is given."""
+        err: Exception | None = f.error
+        out = None
+        if err is None:
+            try:
+                out = self.pipeline.run(
+                    f.data, key=f.key, seed=self.seed, epoch=epoch, start=self.source.prefix, timings=timings,
+                    out=slot,
+                )
+            except NearstoreError as exc:
+                err = exc
+        if err is None:
+            return True, out
+        if self.on_error == "skip":
+            skipped.append({"shard": f.shard, "key": f.key, "sample": f.sample, "error": str(err)})
+            return False, None
+        raise SampleError(
+            f"shard {f.shard}, key {f.key} (sample {f.sample}): {err}. "
+            "Pass on_error='skip' to skip and count bad samples"
+        ) from err
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self.source.close()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,73 @@
+"""Where a loader's samples come from, with ops[0:k] already applied.
+
+``LocalSource`` reads a store's directories directly (k = 0: every op runs on
+the host). The cluster source (node servers over Arrow Flight) implements the
+same ``fetch`` so the loader does not care where the prefix ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from nearstore.core.errors import NearstoreError, StoreError
+from nearstore.store.manifest import Manifest
+from nearstore.store.store import Store
+
+__all__ = ["Fetched", "SampleSource", "LocalSource"]
+
+
+@dataclass
+class Fetched:
+    """One sample as delivered by a source: data (or the error that stopped it)."""
+
+    sample: int
+    key: str
+    label: int
+    shard: str
+    data: Any
+    nbytes: int
+    error: NearstoreError | None = None
+
+
+class SampleSource(Protocol):
+    manifest: Manifest
+    prefix: int  # how many pipeline ops the source has applied
+
+    def fetch(self, ids: np.ndarray, *, epoch: int) -> list[Fetched]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalSource:
+    """Reads raw samples from a store on local disk, verifying crc32c."""
+
+    prefix = 0
+
+    def __init__(self, store: Store | str) -> None:
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.manifest = self.store.manifest
+
+    def fetch(self, ids: np.ndarray, *, epoch: int) -> list[Fetched]:
+        out: list[Fetched] = []
+        for sid in ids.tolist():
+            s, i = self.store.locate(sid)
+            shard = self.manifest.shards[s].name
+            try:
+                reader = self.store.reader(s)
+                key, label = reader.index.keys[i], int(reader.index.label[i])
+            except StoreError as exc:
+                out.append(Fetched(sid, f"#{i}", -1, shard, None, 0, exc))
+                continue
+            try:
+                data = reader.read(i)
+            except StoreError as exc:
+                out.append(Fetched(sid, key, label, shard, None, 0, exc))
+                continue
+            out.append(Fetched(sid, key, label, shard, data, len(data)))
+        return out
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,20 @@
+"""Registered, typed transforms (ops) and pipelines; the same code runs on nodes and on the host."""
+
+from nearstore.ops.base import KINDS, Op, OpParams, Spec, make_op, register, registry, rng_for
+from nearstore.ops.image import (
+    CenterCrop,
+    DecodeJpeg,
+    DecodeNpy,
+    Flip,
+    Normalize,
+    RandomResizedCrop,
+    Resize,
+    ToUint8CHW,
+)
+from nearstore.ops.pipeline import SPLIT_NAMES, Pipeline, Stage, input_spec, standard_train
+
+__all__ = [
+    "KINDS", "Op", "OpParams", "Spec", "make_op", "register", "registry", "rng_for",
+    "CenterCrop", "DecodeJpeg", "DecodeNpy", "Flip", "Normalize", "RandomResizedCrop", "Resize", "ToUint8CHW",
+    "SPLIT_NAMES", "Pipeline", "Stage", "input_spec", "standard_train",
+]

@@ -1,0 +1,167 @@
+/*
+ * nearstore.ops._jpeg: region + DCT-scaled JPEG decoding on libjpeg-turbo.
+ *
+ * One function, decode_region(data, scale_num, x, y, w, h) -> (bytearray, out_w, out_h, x_skip):
+ * decodes rows [y, y+h) and at least columns [x, x+w) of the image scaled by
+ * scale_num/8 (libjpeg-turbo's DCT scaling), using jpeg_crop_scanline and
+ * jpeg_skip_scanlines so pixels outside the region are not reconstructed.
+ * The returned buffer is out_h rows of out_w RGB pixels; the wanted columns
+ * start at x_skip (crop_scanline aligns the left edge to an iMCU boundary).
+ * Also header(data) -> (width, height). The GIL is released while decoding.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <setjmp.h>
+#include <stdio.h>
+#include <string.h>
+#include <jpeglib.h>
+
+typedef struct {
+    struct jpeg_error_mgr pub;
+    jmp_buf jump;
+    char message[JMSG_LENGTH_MAX];
+} err_mgr;
+
+static void on_error(j_common_ptr cinfo) {
+    err_mgr *err = (err_mgr *)cinfo->err;
+    (*cinfo->err->format_message)(cinfo, err->message);
+    longjmp(err->jump, 1);
+}
+
+static void on_message(j_common_ptr cinfo, int level) {
+    /* Warnings (corrupt data recovered by libjpeg) become errors: a silently wrong sample is worse. */
+    if (level < 0) {
+        err_mgr *err = (err_mgr *)cinfo->err;
+        if (cinfo->err->num_warnings == 0) {
+            (*cinfo->err->format_message)(cinfo, err->message);
+        }
+        cinfo->err->num_warnings++;
+    }
+}
+
+static PyObject *DecodeError;
+
+static PyObject *header(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "y*", &buf)) return NULL;
+    struct jpeg_decompress_struct cinfo;
+    err_mgr err;
+    cinfo.err = jpeg_std_error(&err.pub);
+    err.pub.error_exit = on_error;
+    err.pub.emit_message = on_message;
+    err.message[0] = 0;
+    if (setjmp(err.jump)) {
+        jpeg_destroy_decompress(&cinfo);
+        PyBuffer_Release(&buf);
+        PyErr_Format(DecodeError, "not a decodable JPEG: %s", err.message);
+        return NULL;
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, (const unsigned char *)buf.buf, (unsigned long)buf.len);
+    jpeg_read_header(&cinfo, TRUE);
+    int w = (int)cinfo.image_width, h = (int)cinfo.image_height;
+    jpeg_destroy_decompress(&cinfo);
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(ii)", w, h);
+}
+
+static PyObject *decode_region(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    int scale_num, x, y, w, h, fast = 0;
+    if (!PyArg_ParseTuple(args, "y*iiiii|p", &buf, &scale_num, &x, &y, &w, &h, &fast)) return NULL;
+    if (scale_num < 1 || scale_num > 16) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "scale_num must be in 1..16");
+        return NULL;
+    }
+    struct jpeg_decompress_struct cinfo;
+    err_mgr err;
+    PyObject *out = NULL;
+    unsigned char *dst = NULL;
+    const char *problem = NULL;
+    JDIMENSION out_w = 0, xoff = 0;
+    int warnings = 0;
+
+    cinfo.err = jpeg_std_error(&err.pub);
+    err.pub.error_exit = on_error;
+    err.pub.emit_message = on_message;
+    err.message[0] = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (setjmp(err.jump)) {
+        problem = "decode";
+    } else {
+        jpeg_create_decompress(&cinfo);
+        jpeg_mem_src(&cinfo, (const unsigned char *)buf.buf, (unsigned long)buf.len);
+        jpeg_read_header(&cinfo, TRUE);
+        cinfo.out_color_space = JCS_RGB;
+        cinfo.scale_num = (unsigned int)scale_num;
+        cinfo.scale_denom = 8;
+        cinfo.dct_method = fast ? JDCT_IFAST : JDCT_ISLOW;
+        cinfo.do_fancy_upsampling = fast ? FALSE : TRUE;
+        jpeg_start_decompress(&cinfo);
+        if (x < 0 || y < 0 || w < 1 || h < 1 || (JDIMENSION)(x + w) > cinfo.output_width ||
+            (JDIMENSION)(y + h) > cinfo.output_height) {
+            problem = "region";
+        } else {
+            xoff = (JDIMENSION)x;
+            out_w = (JDIMENSION)w;
+            if (xoff > 0 || out_w < cinfo.output_width) {
+                jpeg_crop_scanline(&cinfo, &xoff, &out_w);
+            }
+            size_t row = (size_t)out_w * 3;
+            dst = (unsigned char *)malloc(row * (size_t)h);
+            if (!dst) {
+                problem = "memory";
+            } else {
+                if (y > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y);
+                JSAMPROW rows[32];
+                while (cinfo.output_scanline < (JDIMENSION)(y + h)) {
+                    JDIMENSION done = cinfo.output_scanline - (JDIMENSION)y;
+                    JDIMENSION left = (JDIMENSION)h - done, k;
+                    if (left > 32) left = 32;
+                    for (k = 0; k < left; k++) rows[k] = dst + row * (done + k);
+                    if (jpeg_read_scanlines(&cinfo, rows, left) == 0) break;
+                }
+                warnings = (int)err.pub.num_warnings;
+            }
+        }
+        jpeg_abort_decompress(&cinfo);
+    }
+    jpeg_destroy_decompress(&cinfo);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+
+    if (problem == NULL && warnings > 0) problem = "corrupt";
+    if (problem != NULL) {
+        free(dst);
+        if (strcmp(problem, "region") == 0) {
+            PyErr_Format(PyExc_ValueError, "region x=%d y=%d w=%d h=%d lies outside the scaled image", x, y, w, h);
+        } else if (strcmp(problem, "memory") == 0) {
+            PyErr_NoMemory();
+        } else {
+            PyErr_Format(DecodeError, "corrupt JPEG: %s", err.message[0] ? err.message : "unknown error");
+        }
+        return NULL;
+    }
+    out = PyByteArray_FromStringAndSize((const char *)dst, (Py_ssize_t)out_w * 3 * h);
+    free(dst);
+    if (!out) return NULL;
+    return Py_BuildValue("(Niii)", out, (int)out_w, h, x - (int)xoff);
+}
+
+static PyMethodDef methods[] = {
+    {"header", header, METH_VARARGS, "header(data) -> (width, height)"},
+    {"decode_region", decode_region, METH_VARARGS,
+     "decode_region(data, scale_num, x, y, w, h, fast=False) -> (rgb_bytearray, out_w, out_h, x_skip)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__jpeg(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    DecodeError = PyErr_NewException("nearstore.ops._jpeg.DecodeError", PyExc_ValueError, NULL);
+    Py_INCREF(DecodeError);
+    PyModule_AddObject(m, "DecodeError", DecodeError);
+    return m;
+}

@@ -1,0 +1,92 @@
+"""Opening a store and reading samples by global id, verified end to end."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from nearstore.core.errors import StoreError
+from nearstore.store.format import ShardReader
+from nearstore.store.manifest import Manifest, node_dir_name
+
+__all__ = ["Store", "SampleRef"]
+
+
+class SampleRef:
+    """Where a global sample id lives."""
+
+    __slots__ = ("shard", "local", "key", "label")
+
+    def __init__(self, shard: str, local: int, key: str, label: int) -> None:
+        self.shard, self.local, self.key, self.label = shard, local, key, label
+
+
+class Store:
+    """A read-only view of a store directory (all its node directories).
+
+    Shard readers open lazily and are shared by threads. ``nodes`` restricts
+    reading to those node directories (used by a node server that owns one).
+    """
+
+    def __init__(self, path: str | Path, *, nodes: list[int] | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = Manifest.load(self.path)
+        self._firsts = [s.first for s in self.manifest.shards]
+        self._readers: dict[int, ShardReader] = {}
+        self._lock = threading.Lock()
+        self._nodes = set(nodes) if nodes is not None else None
+
+    def __len__(self) -> int:
+        return self.manifest.num_samples
+
+    def locate(self, sample: int) -> tuple[int, int]:
+        if not 0 <= sample < len(self):
+            raise IndexError(f"sample id {sample} out of range 0..{len(self) - 1}")
+        s = bisect.bisect_right(self._firsts, sample) - 1
+        return s, sample - self._firsts[s]
+
+    def reader(self, shard: int) -> ShardReader:
+        r = self._readers.get(shard)
+        if r is None:
+            with self._lock:
+                r = self._readers.get(shard)
+                if r is None:
+                    r = self._open(shard)
+                    self._readers[shard] = r
+        return r
+
+    def _open(self, shard: int) -> ShardReader:
+        entry = self.manifest.shards[shard]
+        candidates = [n for n in entry.nodes if self._nodes is None or n in self._nodes]
+        if not candidates:
+            raise StoreError(f"shard {entry.name} is not held by nodes {sorted(self._nodes or [])}")
+        errors = []
+        for n in candidates:
+            path = self.path / node_dir_name(n) / f"{entry.name}.tar"
+            try:
+                return ShardReader(path, shard=entry.name)
+            except StoreError as exc:
+                errors.append(str(exc))
+        raise StoreError("; ".join(errors))
+
+    def ref(self, sample: int) -> SampleRef:
+        s, i = self.locate(sample)
+        r = self.reader(s)
+        return SampleRef(self.manifest.shards[s].name, i, r.index.keys[i], int(r.index.label[i]))
+
+    def read(self, sample: int) -> tuple[bytes, SampleRef]:
+        s, i = self.locate(sample)
+        r = self.reader(s)
+        ref = SampleRef(self.manifest.shards[s].name, i, r.index.keys[i], int(r.index.label[i]))
+        return r.read(i), ref
+
+    def labels(self) -> np.ndarray:
+        return np.concatenate([self.reader(s).index.label for s in range(len(self.manifest.shards))])
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
