@@ -19,7 +19,7 @@ import numpy as np
 
 from nearstore.store.manifest import Manifest, node_dir_name
 
-__all__ = ["sample_files", "torch_pillow_throughput", "dali_throughput", "dali_available"]
+__all__ = ["sample_files", "timed_batches", "torch_pillow_throughput", "dali_throughput", "dali_available"]
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -87,21 +87,24 @@ def torch_pillow_throughput(store: str | Path, *, n: int, batch_size: int = 64, 
     items = sample_files(store)
     ds = _PillowDataset(items, size)
     sampler = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
-    sampler = (sampler * (1 + (n + warmup_batches * batch_size) // len(items)))[: n + warmup_batches * batch_size]
+    total = n + warmup_batches * batch_size
+    sampler = (sampler * (1 + total // len(items)))[:total]
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                      persistent_workers=False, prefetch_factor=2 if workers else None)
-    seen = 0
-    t0 = None
-    for b, (x, _) in enumerate(dl):
-        if b == warmup_batches:
+    return timed_batches((len(x) for x, _ in dl), warmup_batches)
+
+
+def timed_batches(sizes, warmup_batches: int) -> dict:
+    """Time an iterator of batch sizes: the clock starts once ``warmup_batches`` batches have arrived."""
+    seen, t0 = 0, time.perf_counter()
+    for b, size in enumerate(sizes):
+        if b == warmup_batches - 1 or (warmup_batches == 0 and b == 0):
             t0 = time.perf_counter()
-        elif b > warmup_batches:
-            seen += len(x)
-    if t0 is None or seen == 0:
-        return {"images": 0, "seconds": 0.0, "images_per_s": 0.0}
+            seen = 0 if warmup_batches else size
+        else:
+            seen += size
     dt = time.perf_counter() - t0
-    # images counted from the batch after t0 was taken; the batch at t0 is its start marker
-    return {"images": seen, "seconds": dt, "images_per_s": seen / dt}
+    return {"images": seen, "seconds": dt, "images_per_s": seen / dt if seen and dt > 0 else 0.0}
 
 
 def dali_available() -> tuple[bool, str]:
@@ -142,13 +145,4 @@ def dali_throughput(store: str | Path, *, n: int, batch_size: int = 64, threads:
     p = pipe()
     p.build()
     total_batches = warmup_batches + -(-n // batch_size)
-    t0 = None
-    seen = 0
-    for b in range(total_batches):
-        out = p.run()
-        if b == warmup_batches - 1:
-            t0 = time.perf_counter()
-        elif b >= warmup_batches:
-            seen += len(out[0])
-    dt = time.perf_counter() - t0
-    return {"images": seen, "seconds": dt, "images_per_s": seen / dt}
+    return timed_batches((len(p.run()[0]) for _ in range(total_batches)), warmup_batches)

@@ -22,6 +22,7 @@ from nearstore.core.errors import ConfigError, NearstoreError, ResumeStateError
 from nearstore.loader.order import Remainder, batch_bounds, epoch_order, num_batches, rank_share
 from nearstore.loader.sources import Fetched, LocalSource, SampleSource
 from nearstore.ops.base import Spec
+from nearstore.ops.image import worker_init
 from nearstore.ops.pipeline import Pipeline, input_spec
 
 __all__ = ["Loader", "Batch", "LoaderStats", "SampleError"]
@@ -190,7 +191,7 @@ class Loader:
         share = self.share(epoch)
         total = num_batches(len(share), self.batch_size, drop_last=self.drop_last)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nearstore-host")
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nearstore-host", initializer=worker_init)
         pending: deque[Future] = deque()
         nxt = start
         t_start = time.perf_counter()

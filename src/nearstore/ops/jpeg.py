@@ -21,12 +21,24 @@ def scaled_size(width: int, height: int, scale_num: int) -> tuple[int, int]:
     return -(-width * scale_num // 8), -(-height * scale_num // 8)
 
 
-def decode_region(data: bytes, scale_num: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+#: pixels decoded around a region so chroma upsampling sees the same neighbours as a full decode
+_MARGIN = 2
+
+
+def decode_region(data: bytes, scale_num: int, x: int, y: int, w: int, h: int, *,
+                  full: tuple[int, int] | None = None) -> np.ndarray:
     """Decode the region (x, y, w, h) of the image scaled by scale_num/8, as an HxWx3 uint8 array.
 
     Rows outside the region are skipped and columns outside it are not
-    reconstructed (jpeg_skip_scanlines / jpeg_crop_scanline).
+    reconstructed (jpeg_skip_scanlines / jpeg_crop_scanline). A small margin
+    is decoded around the region (``full`` is the scaled image size), so the
+    pixels equal those of a full decode at the same scale.
     """
-    buf, out_w, out_h, skip = _jpeg.decode_region(data, scale_num, x, y, w, h)
+    if full is None:
+        full = scaled_size(*header(data), scale_num)
+    x0, y0 = max(0, x - _MARGIN), max(0, y - _MARGIN)
+    x1, y1 = min(full[0], x + w + _MARGIN), min(full[1], y + h + _MARGIN)
+    buf, out_w, out_h, skip = _jpeg.decode_region(data, scale_num, x0, y0, x1 - x0, y1 - y0)
     arr = np.frombuffer(buf, np.uint8).reshape(out_h, out_w, 3)
-    return arr[:, skip : skip + w] if (skip or out_w != w) else arr
+    left = skip + (x - x0)
+    return arr[y - y0 : y - y0 + h, left : left + w]

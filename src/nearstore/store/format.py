@@ -80,8 +80,7 @@ class ShardIndex:
                 "or restore the file from a replica"
             )
         try:
-            with pa.memory_map(str(path)) as src:
-                table = ipc.open_file(src).read_all()
+            table = ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()
         except (pa.ArrowInvalid, OSError) as exc:
             raise StoreFormatError(f"unreadable shard index {path}: {exc}; re-run `nearstore ingest`") from exc
         if not table.schema.equals(INDEX_SCHEMA):
@@ -170,6 +169,7 @@ class ShardReader:
     """Random access to the samples of one shard, each verified against its crc32c."""
 
     def __init__(self, tar_path: Path, *, shard: str) -> None:
+        self._fd = -1
         self.shard = shard
         self.tar_path = tar_path
         if not tar_path.exists():
@@ -177,9 +177,15 @@ class ShardReader:
                 f"shard {shard}: missing file {tar_path}; the manifest points at a shard that is not on disk. "
                 "Restore it from a replica or re-run `nearstore ingest`"
             )
-        self._fd = os.open(tar_path, os.O_RDONLY)
-        size = os.fstat(self._fd).st_size
-        self.index = ShardIndex.load(tar_path.with_name(tar_path.name[: -len(".tar")] + ".idx.arrow"), tar_size=size)
+        fd = os.open(tar_path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            self.index = ShardIndex.load(tar_path.with_name(tar_path.name[: -len(".tar")] + ".idx.arrow"),
+                                         tar_size=size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def read(self, i: int) -> bytes:
         """Bytes of sample ``i``; raises ChecksumError (naming shard and key) on mismatch."""

@@ -63,14 +63,16 @@ class Store:
         candidates = [n for n in entry.nodes if self._nodes is None or n in self._nodes]
         if not candidates:
             raise StoreError(f"shard {entry.name} is not held by nodes {sorted(self._nodes or [])}")
-        errors = []
+        errors: list[StoreError] = []
         for n in candidates:
             path = self.path / node_dir_name(n) / f"{entry.name}.tar"
             try:
                 return ShardReader(path, shard=entry.name)
             except StoreError as exc:
-                errors.append(str(exc))
-        raise StoreError("; ".join(errors))
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise type(errors[0])(f"no replica of shard {entry.name} is readable: " + "; ".join(map(str, errors)))
 
     def ref(self, sample: int) -> SampleRef:
         s, i = self.locate(sample)

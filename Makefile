@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs what it needs (the extension builds against the system libjpeg-turbo).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+
+.PHONY: demo test bench bench-quick clean
+
+$(VENV)/.base: pyproject.toml src/nearstore/ops/_c/jpeg_region.c
+	@test -f /usr/include/jpeglib.h || { echo "libjpeg-turbo headers missing: run 'apt-get install -y libjpeg62-turbo-dev' (Debian/Ubuntu)"; exit 1; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install setuptools==80.9.0 wheel
+	$(PIP) install torch==2.13.0
+	$(PIP) install --no-build-isolation -e '.[test]'
+	touch $@
+
+# DALI (CPU pipelines) is only a benchmark baseline: best effort, the benchmark notes its absence.
+$(VENV)/.dali: $(VENV)/.base
+	-$(PIP) install 'nvidia-dali-cuda120==2.4.0' || echo "DALI not installed: the benchmark will skip it with a note"
+	touch $@
+
+demo: $(VENV)/.dali
+	$(VENV)/bin/nearstore demo
+
+test: $(VENV)/.base
+	$(PY) -m pytest -q -m "not long"
+
+bench: $(VENV)/.dali
+	$(PY) bench/run.py --json bench/results/host.json
+
+bench-quick: $(VENV)/.base
+	$(PY) bench/run.py --quick --json bench/results/quick.json
+
+clean:
+	rm -rf $(VENV) demo-out build src/*.egg-info src/nearstore/ops/*.so

@@ -1,0 +1,177 @@
+"""The ``nearstore`` command line: synth, ingest, info, bench, demo.
+
+Thin layer over the library: parses arguments (typer), shows progress (rich),
+prints tables, writes ``--json`` results. Errors from nearstore are printed as
+one clear line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from nearstore.core.errors import NearstoreError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Near-storage processing for deep learning.")
+console = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def write_json(path: Optional[Path], data: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1, default=str))
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="folder to write (class subfolders)"),
+    n: int = typer.Option(1000, "--n", help="number of images"),
+    seed: int = typer.Option(0, help="seed: the same seed gives the same images"),
+    classes: int = typer.Option(10, help="number of classes"),
+    large: bool = typer.Option(False, "--large", help="1-4 MP photos instead of ImageNet-like 200-1000 px"),
+    workers: Optional[int] = typer.Option(None, help="processes (default: all cores)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write a summary as JSON"),
+) -> None:
+    """Write a synthetic ImageNet-like JPEG folder (deterministic for a seed)."""
+    from nearstore.store.synth import SynthSpec, synth_folder
+
+    spec = SynthSpec(n=n, seed=seed, classes=classes, large=large)
+    with _progress() as p:
+        task = p.add_task("synth", total=n)
+        summary = synth_folder(out, spec, workers=workers, progress=lambda k: p.advance(task, k))
+    console.print(f"{summary['images']} images, {summary['classes']} classes, mean {summary['mean_bytes'] / 1e3:.1f} KB")
+    write_json(json_path, summary)
+
+
+@app.command("ingest")
+def ingest_cmd(
+    src: Path = typer.Argument(..., help="image folder (SRC/<class>/*.jpg), a .tar, or a folder of WebDataset .tar"),
+    store: Path = typer.Argument(..., help="store directory to create or replace"),
+    nodes: int = typer.Option(1, help="node directories (K)"),
+    replicas: int = typer.Option(1, help="copies of each shard on distinct nodes (R <= K)"),
+    shard_size: int = typer.Option(64 << 20, help="target shard size in bytes"),
+    on_error: str = typer.Option("raise", help="'raise' or 'skip' unreadable images"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Ingest a folder or WebDataset tars into a sharded, checksummed store."""
+    from nearstore.store.ingest import ingest
+
+    with _progress() as p:
+        task = p.add_task("ingest", total=None)
+        report = ingest(src, store, nodes=nodes, replicas=replicas, shard_size=shard_size, on_error=on_error,
+                        progress=lambda done, total: p.update(task, completed=done, total=total))
+    console.print(f"{report.samples} samples in {report.shards} shards on {report.nodes} nodes x{report.replicas} "
+                  f"({report.bytes / 1e6:.1f} MB) in {report.seconds:.1f} s; skipped {len(report.skipped)}")
+    write_json(json_path, report.__dict__)
+
+
+@app.command()
+def info(store: Path = typer.Argument(...), json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
+    """Summarize a store: samples, classes, shards, placement, sizes."""
+    from nearstore.store.manifest import Manifest
+
+    man = Manifest.load(store)
+    data = {
+        "name": man.name, "generation": man.generation, "payload": man.payload, "samples": man.num_samples,
+        "classes": len(man.classes), "shards": len(man.shards), "nodes": man.nodes, "replicas": man.replicas,
+        "tar_bytes": sum(s.tar_bytes for s in man.shards), "mean_payload_bytes": man.mean_payload_bytes,
+        "mean_width": man.mean_width, "mean_height": man.mean_height, "fingerprint": man.fingerprint,
+        "placement": {s.name: s.nodes for s in man.shards},
+    }
+    t = Table(title=f"store {store}")
+    t.add_column("field")
+    t.add_column("value")
+    for k, v in data.items():
+        if k != "placement":
+            t.add_row(k, f"{v:.1f}" if isinstance(v, float) else str(v))
+    per_node = {n: sum(1 for s in man.shards if n in s.nodes) for n in range(man.nodes)}
+    t.add_row("shards per node", ", ".join(f"node-{n:03d}: {c}" for n, c in per_node.items()))
+    Console().print(t)
+    write_json(json_path, data)
+
+
+def _host_table(res: dict) -> Table:
+    t = Table(title=res["pipeline"])
+    t.add_column("system")
+    t.add_column("images/s (median)", justify="right")
+    t.add_column("nearstore ratio", justify="right")
+    med = res["median_images_per_s"]
+    for name, v in med.items():
+        ratio = "" if name == "nearstore" else f"{statistics_ratio(res, name):.2f}x"
+        t.add_row(name, f"{v:.0f}", ratio)
+    return t
+
+
+def statistics_ratio(res: dict, name: str) -> float:
+    key = {"torch_dataloader_pillow": "vs_torch", "dali_cpu": "vs_dali"}[name]
+    return res["median_ratio"][key]
+
+
+@app.command()
+def bench(
+    local: Path = typer.Option(..., "--local", help="store to benchmark the host pipeline on"),
+    n: int = typer.Option(1280, help="images per system per round"),
+    rounds: int = typer.Option(3, help="interleaved rounds (median reported)"),
+    workers: int = typer.Option(2, help="host workers for every system"),
+    dali: bool = typer.Option(True, help="include NVIDIA DALI CPU when importable"),
+    overhead: bool = typer.Option(True, help="also measure loader overhead on decoded samples"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Host pipeline benchmark against PyTorch DataLoader+Pillow and DALI CPU, in the same run."""
+    from nearstore.bench.host import host_pipeline_bench, loader_overhead_bench
+
+    with console.status("benchmarking") as status:
+        res = host_pipeline_bench(local, n=n, rounds=rounds, workers=workers, dali=dali,
+                                  progress=lambda msg: status.update(msg))
+        out = {"host_pipeline": res}
+        if overhead:
+            status.update("loader overhead")
+            out["loader_overhead"] = loader_overhead_bench(rounds=rounds, workdir=local.parent)
+    Console().print(_host_table(res))
+    if res["dali_note"]:
+        console.print(f"note: {res['dali_note']}")
+    if overhead:
+        Console().print(f"loader overhead (decoded 32x32 samples, reshape-only ops): "
+                        f"{out['loader_overhead']['median_samples_per_s']:.0f} samples/s")
+    write_json(json_path, out)
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo-out"), help="where to put the data and results"),
+    n: int = typer.Option(640, help="images to synthesize"),
+    rounds: int = typer.Option(2, help="benchmark rounds"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Synthesize a dataset, ingest it on 2 nodes, load it, and benchmark the host pipeline."""
+    from nearstore.cli.demo import run_demo
+
+    result = run_demo(workdir, n=n, rounds=rounds, console=Console(), progress=_progress)
+    write_json(json_path or workdir / "demo.json", result)
+
+
+def main() -> None:
+    try:
+        app()
+    except NearstoreError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

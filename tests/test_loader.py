@@ -1,0 +1,201 @@
+"""Loader: determinism across processes, exact resume, rank shares, errors, stats, PyTorch adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nearstore import Loader, standard_train
+from nearstore.core.errors import ConfigError, ResumeStateError
+from nearstore.loader import SampleError
+from nearstore.loader.torch import TorchLoader
+from nearstore.store import Manifest, Store, node_dir_name
+
+PIPE = standard_train(64)
+
+
+def digest(batches) -> list[str]:
+    return [hashlib.sha256(b.data.tobytes() + b.labels.tobytes()).hexdigest() for b in batches]
+
+
+def loader(store, **kw):
+    kw.setdefault("pipeline", PIPE)
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("seed", 3)
+    return Loader(store, **kw)
+
+
+def test_epoch_covers_every_sample_once(store):
+    with loader(store) as ld:
+        batches = list(ld)
+    ids = np.concatenate([b.ids for b in batches])
+    assert sorted(ids.tolist()) == list(range(48))
+    assert batches[0].data.shape == (8, 3, 64, 64) and batches[0].data.dtype == np.float32
+    st = Store(store)
+    assert [st.ref(int(i)).label for i in batches[0].ids] == batches[0].labels.tolist()
+    assert ld.stats.samples == 48 and ld.stats.bytes_read > 48 * 10_000
+    assert set(ld.stats.op_seconds) == {"decode_jpeg+random_resized_crop", "flip", "to_uint8_chw", "normalize"}
+
+
+def test_epochs_differ_and_repeat(store):
+    with loader(store) as ld:
+        e0 = digest(ld)
+        e1 = digest(ld)  # iteration continues with the next epoch
+        assert ld.epoch == 2
+        ld.set_epoch(0)
+        assert digest(ld) == e0
+    assert e0 != e1
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 3, 5])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_resume_mid_epoch_is_exact(store, stop_after, workers):
+    with loader(store) as ref:
+        full = digest(ref) + digest(ref)  # two epochs
+    with loader(store, workers=2) as first:
+        it = iter(first)
+        got = [next(it) for _ in range(stop_after)]
+        state = json.loads(json.dumps(first.state_dict()))  # survives serialization
+        it.close()
+    with loader(store, workers=workers) as second:
+        second.load_state_dict(state)
+        rest = digest(second) + digest(second)
+    assert digest(got) + rest[: len(full) - stop_after] == full
+
+
+def test_same_bits_in_another_process(store):
+    code = f"""
+import hashlib, sys
+from nearstore import Loader, standard_train
+with Loader({str(store)!r}, pipeline=standard_train(64), batch_size=8, seed=3, workers=1) as ld:
+    for b in ld:
+        print(hashlib.sha256(b.data.tobytes() + b.labels.tobytes()).hexdigest())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    with loader(store, workers=3) as ld:
+        assert out.stdout.split() == digest(ld)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("remainder", ["pad", "drop"])
+def test_rank_shares(store, world, remainder):
+    shares = []
+    for r in range(world):
+        with loader(store, rank=r, world_size=world, remainder=remainder) as ld:
+            shares.append(np.concatenate([b.ids for b in ld]).tolist())
+    flat = sum(shares, [])
+    assert len({len(s) for s in shares}) == 1
+    if remainder == "drop":
+        assert len(set(flat)) == len(flat) and 48 - len(flat) < world
+    else:
+        assert set(flat) == set(range(48)) and len(flat) - 48 < world
+
+
+def test_bad_config_names_the_parameter(store):
+    with pytest.raises(ConfigError, match="workers must be >= 1"):
+        loader(store, workers=0)
+    with pytest.raises(ConfigError, match="on_error must be 'raise' or 'skip'"):
+        loader(store, on_error="ignore")
+    with pytest.raises(ConfigError, match="rank must be in 0..1"):
+        loader(store, rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="batch_size"):
+        loader(store, batch_size=0)
+
+
+def test_resume_state_must_match(store):
+    with loader(store) as a:
+        state = a.state_dict()
+    with loader(store, seed=4) as b, pytest.raises(ResumeStateError, match="seed=3 does not match"):
+        b.load_state_dict(state)
+    with loader(store, batch_size=4) as b, pytest.raises(ResumeStateError, match="batch_size"):
+        b.load_state_dict(state)
+    with loader(store) as b, pytest.raises(ResumeStateError, match="not a nearstore loader state"):
+        b.load_state_dict({"epoch": 1})
+
+
+def _flip_byte(store, sample: int) -> tuple[str, str]:
+    st = Store(store)
+    s, i = st.locate(sample)
+    entry = st.manifest.shards[s]
+    idx = st.reader(s).index
+    st.close()
+    with open(store / node_dir_name(entry.nodes[0]) / f"{entry.name}.tar", "r+b") as f:
+        f.seek(int(idx.offset[i]) + 50)
+        b = f.read(1)
+        f.seek(int(idx.offset[i]) + 50)
+        f.write(bytes([b[0] ^ 0x55]))
+    return entry.name, idx.keys[i]
+
+
+def _corrupt_jpeg(store, sample: int) -> tuple[str, str]:
+    """Rewrite a sample's bytes and index crc so the checksum passes but the JPEG is broken."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from nearstore.core.checksum import crc32c
+    from nearstore.store.format import INDEX_SCHEMA
+
+    st = Store(store)
+    s, i = st.locate(sample)
+    entry = st.manifest.shards[s]
+    data = st.read(sample)[0]
+    st.close()
+    node = store / node_dir_name(entry.nodes[0])
+    idx_path = node / f"{entry.name}.idx.arrow"
+    table = ipc.open_file(pa.BufferReader(idx_path.read_bytes())).read_all()
+    bad = data[:600] + bytes(len(data) - 600)
+    with open(node / f"{entry.name}.tar", "r+b") as f:
+        f.seek(table.column("offset")[i].as_py())
+        f.write(bad)
+    crcs = table.column("crc32c").to_pylist()
+    crcs[i] = crc32c(bad)
+    table = table.set_column(4, "crc32c", pa.array(crcs, pa.uint32()))
+    with ipc.new_file(str(idx_path), INDEX_SCHEMA) as w:
+        w.write_table(table)
+    return entry.name, table.column("key")[i].as_py()
+
+
+def test_checksum_mismatch_raises_with_shard_and_key(fresh_store):
+    shard, key = _flip_byte(fresh_store, 5)
+    with loader(fresh_store) as ld, pytest.raises(SampleError, match=f"shard {shard}, key {key}.*crc32c mismatch"):
+        list(ld)
+
+
+def test_corrupt_jpeg_raise_or_skip_and_count(fresh_store):
+    shard, key = _corrupt_jpeg(fresh_store, 7)
+    with loader(fresh_store) as ld, pytest.raises(SampleError, match=f"shard {shard}, key {key}.*on_error='skip'"):
+        list(ld)
+    with loader(fresh_store, on_error="skip") as ld:
+        batches = list(ld)
+    ids = np.concatenate([b.ids for b in batches]).tolist()
+    assert ld.stats.skipped_samples[0]["key"] == key, ld.stats.skipped_samples[:2]
+    assert sorted(ids) == [i for i in range(48) if i != 7]
+    assert ld.stats.skipped == 1 and ld.stats.skipped_samples[0]["key"] == key
+    assert sum(len(b) for b in batches) == 47 and all(b.data.shape[0] == len(b) for b in batches)
+
+
+def test_torch_adapter(store):
+    with loader(store, pipeline=standard_train(32, normalize=False)) as ld:
+        tl = TorchLoader(ld)
+        x, y = next(iter(tl))
+    assert x.dtype == torch.uint8 and x.shape == (8, 3, 32, 32) and y.dtype == torch.int64
+    tl2 = TorchLoader(store, pipeline=PIPE, batch_size=16, seed=0)
+    xs = [x for x, _ in tl2]
+    assert len(xs) == len(tl2) == 3 and xs[0].dtype == torch.float32
+    assert abs(float(xs[0].mean())) < 2.5
+    tl2.close()
+    with pytest.raises(ConfigError, match="varies per sample"):
+        TorchLoader(store, pipeline=["decode_jpeg"], batch_size=4)
+
+
+def test_variable_shape_batches_are_lists(store):
+    with loader(store, pipeline=["decode_jpeg", {"op": "resize", "size": 48}], batch_size=5) as ld:
+        b = next(iter(ld))
+    assert isinstance(b.data, list) and len(b.data) == 5 and min(b.data[0].shape[:2]) == 48

@@ -1,0 +1,173 @@
+"""Op library: validation, declared specs, determinism, fused decoding, split rules."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nearstore.core.errors import ConfigError, OpParamError, SampleDecodeError
+from nearstore.ops import Pipeline, Spec, input_spec, make_op, registry, rng_for, standard_train
+from nearstore.ops.image import RandomResizedCrop, decode_geometry
+from nearstore.store.synth import synth_image
+
+JPEG = synth_image(3, 1)
+
+
+def test_registry_has_the_library():
+    assert {"decode_jpeg", "random_resized_crop", "resize", "center_crop", "flip", "to_uint8_chw",
+            "normalize", "decode_npy"} <= set(registry())
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ({"op": "nope"}, "unknown op 'nope'; registered ops:"),
+        ({"op": "random_resized_crop", "size": 0}, "size"),
+        ({"op": "random_resized_crop", "scale": [0.9, 0.1]}, "scale"),
+        ({"op": "flip", "p": 1.5}, "p"),
+        ({"op": "normalize", "std": [1, 0, 1]}, "std"),
+        ({"op": "resize", "sizee": 3}, "sizee"),
+        ({"op": "center_crop"}, "size"),
+        ({"size": 3}, "an op is given as"),
+    ],
+)
+def test_bad_parameters_name_the_op_and_field(spec, match):
+    with pytest.raises(OpParamError, match=match):
+        make_op(spec)
+
+
+def test_kind_mismatch_is_reported_before_running():
+    p = Pipeline(["to_uint8_chw"])
+    with pytest.raises(OpParamError, match="to_uint8_chw at position 0 takes image"):
+        p.declare(input_spec("jpeg", mean_bytes=1e5, mean_hw=(300, 400)))
+
+
+def test_declared_specs():
+    specs = standard_train(224).declare(input_spec("jpeg", mean_bytes=110e3, mean_hw=(375.0, 500.0)))
+    assert specs[0].kind == "jpeg" and specs[0].bytes == 110e3
+    assert specs[1] == Spec("image", (None, None, 3), "uint8", 375 * 500 * 3, (375.0, 500.0))
+    assert specs[2].shape == (224, 224, 3) and specs[2].bytes == 224 * 224 * 3
+    assert specs[4].kind == "chw_u8" and specs[4].shape == (3, 224, 224)
+    assert specs[5].kind == "chw_f32" and specs[5].dtype == "float32" and specs[5].bytes == 224 * 224 * 3 * 4
+    resize = Pipeline(["decode_jpeg", {"op": "resize", "size": 256}]).declare(
+        input_spec("jpeg", mean_bytes=1, mean_hw=(400.0, 800.0)))
+    assert resize[-1].shape == (None, None, 3) and resize[-1].hw == (256, 512)
+
+
+def test_outputs_match_declared_specs():
+    p = standard_train(160)
+    specs = p.declare(input_spec("jpeg", mean_bytes=1, mean_hw=(1.0, 1.0)))
+    x = JPEG
+    for i in range(len(p.ops) + 1):
+        if i in p.valid_splits and i > 0:
+            y = p.run(JPEG, key="k", seed=1, epoch=0, stop=i)
+            assert y.dtype == np.dtype(specs[i].dtype)
+            assert all(d is None or d == s for d, s in zip(specs[i].shape, y.shape))
+    assert x is JPEG
+
+
+def test_same_bits_for_same_seed_epoch_key():
+    p = standard_train()
+    a = p.run(JPEG, key="a", seed=1, epoch=0)
+    assert np.array_equal(a, p.run(JPEG, key="a", seed=1, epoch=0))
+    assert not np.array_equal(a, p.run(JPEG, key="a", seed=1, epoch=1))
+    assert not np.array_equal(a, p.run(JPEG, key="b", seed=1, epoch=0))
+    assert not np.array_equal(a, p.run(JPEG, key="a", seed=2, epoch=0))
+
+
+def test_rng_is_pure():
+    assert rng_for(1, 2, "k", 3).random() == rng_for(1, 2, "k", 3).random()
+    assert rng_for(1, 2, "k", 3).random() != rng_for(1, 2, "k", 4).random()
+
+
+def test_fused_decode_equals_decode_then_crop_without_scaling():
+    """At DCT scale 8/8 region decoding is exact: the fused stage equals decode + crop + resize."""
+    op = RandomResizedCrop(size=64, scale=(0.9, 1.0))  # large boxes: 64 px targets use DCT scaling, so
+    big = RandomResizedCrop(size=400, scale=(0.9, 1.0))  # check scale 8/8 with a target near full size
+    for seed in range(5):
+        full = make_op("decode_jpeg")(JPEG, None)
+        ref = np.asarray(Image.open(__import__("io").BytesIO(JPEG)).convert("RGB"))
+        assert np.array_equal(full, ref)  # full decode is libjpeg-turbo's exact output (as Pillow's)
+        fused = decode_geometry(JPEG, big, rng_for(seed, 0, "k", 1))
+        unfused = big(full, rng_for(seed, 0, "k", 1))
+        assert np.array_equal(fused, unfused)
+        small = decode_geometry(JPEG, op, rng_for(seed, 0, "k", 1))
+        assert small.shape == (64, 64, 3)
+
+
+def test_fused_scaled_decode_is_close_to_full_decode():
+    """With DCT scaling the fused result differs in bits but not in content."""
+    op = RandomResizedCrop(size=96, scale=(0.9, 1.0))
+    full = make_op("decode_jpeg")(JPEG, None)
+    a = decode_geometry(JPEG, op, rng_for(0, 0, "k", 1)).astype(np.int16)
+    b = op(full, rng_for(0, 0, "k", 1)).astype(np.int16)
+    assert np.abs(a - b).mean() < 6
+
+
+def test_split_rules():
+    p = standard_train()
+    assert p.valid_splits == [0, 2, 3, 4, 5]
+    assert p.resolve_split("host") == 0 and p.resolve_split("node") == 5
+    with pytest.raises(ConfigError, match="inside the fused stage decode_jpeg\\+random_resized_crop"):
+        p.resolve_split(1)
+    with pytest.raises(ConfigError, match="split must be"):
+        p.resolve_split("middle")
+
+
+@pytest.mark.parametrize("k", [0, 2, 3, 4, 5])
+def test_any_split_gives_the_same_bits(k):
+    p = standard_train()
+    whole = p.run(JPEG, key="x", seed=9, epoch=3)
+    mid = p.run(JPEG, key="x", seed=9, epoch=3, stop=k)
+    assert np.array_equal(whole, p.run(mid, key="x", seed=9, epoch=3, start=k))
+
+
+def test_corrupt_jpeg_is_a_decode_error():
+    bad = JPEG[:200] + b"\x00" * 50 + JPEG[250:]
+    with pytest.raises(SampleDecodeError):
+        standard_train().run(bad[: len(bad) // 3], key="k", seed=0, epoch=0)
+    with pytest.raises(SampleDecodeError, match="not a decodable JPEG"):
+        standard_train().run(b"GIF89a not a jpeg", key="k", seed=0, epoch=0)
+
+
+def test_center_crop_too_small_is_clear():
+    with pytest.raises(SampleDecodeError, match="center_crop\\(size=5000\\) needs an image of at least"):
+        Pipeline(["decode_jpeg", {"op": "center_crop", "size": 5000}]).run(JPEG, key="k", seed=0, epoch=0)
+
+
+def test_normalize_matches_reference():
+    x = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    y = make_op("normalize")(x, None)
+    mean = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
+    assert np.allclose(y, (x / 255.0 - mean) / std, atol=1e-5)
+
+
+def test_pipeline_json_round_trip():
+    p = standard_train(128)
+    q = Pipeline.from_json(p.to_json())
+    assert q.ops == p.ops
+    digest = lambda pipe: hashlib.sha256(pipe.run(JPEG, key="k", seed=0, epoch=0).tobytes()).hexdigest()  # noqa: E731
+    assert digest(p) == digest(q)
+
+
+def test_region_decode_equals_full_decode_at_every_scale():
+    import random
+
+    from nearstore.ops import jpeg
+
+    rnd = random.Random(0)
+    for i in range(6):
+        data = synth_image(1, i)
+        w, h = jpeg.header(data)
+        for m in (1, 2, 4, 8):
+            sw, sh = jpeg.scaled_size(w, h, m)
+            full = jpeg.decode_region(data, m, 0, 0, sw, sh)
+            assert full.shape == (sh, sw, 3)
+            for _ in range(8):
+                x, y = rnd.randrange(sw - 10), rnd.randrange(sh - 10)
+                rw, rh = rnd.randint(1, sw - x), rnd.randint(1, sh - y)
+                assert np.array_equal(jpeg.decode_region(data, m, x, y, rw, rh), full[y : y + rh, x : x + rw])
