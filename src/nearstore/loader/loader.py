@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
@@ -23,7 +23,7 @@ from nearstore.loader.order import Remainder, batch_bounds, epoch_order, num_bat
 from nearstore.loader.sources import Fetched, LocalSource, SampleSource
 from nearstore.ops.base import Spec
 from nearstore.ops.image import worker_init
-from nearstore.ops.pipeline import Pipeline, input_spec
+from nearstore.ops.pipeline import Pipeline, input_spec_of
 
 __all__ = ["Loader", "Batch", "LoaderStats", "SampleError"]
 
@@ -80,6 +80,22 @@ class LoaderStats:
         }
 
 
+def _settle(result: Future, *, exc: BaseException | None = None, source: Future | None = None) -> None:
+    """Copy an outcome into ``result`` unless the consumer cancelled it."""
+    try:
+        if source is not None:
+            if source.cancelled():
+                result.cancel()
+                return
+            exc = source.exception()
+            if exc is None:
+                result.set_result(source.result())
+                return
+        result.set_exception(exc)
+    except InvalidStateError:
+        pass
+
+
 class Loader:
     """Iterate a store through a pipeline, in batches, deterministically.
 
@@ -105,10 +121,13 @@ class Loader:
         workers: int = 2,
         prefetch: int = 4,
         on_error: Literal["raise", "skip"] = "raise",
+        cluster: Any = None,
+        split: int | str = "host",
         source: SampleSource | None = None,
     ) -> None:
-        if (store is None) == (source is None):
-            raise ConfigError("give exactly one of store (a path or Store) or source")
+        if sum(x is not None for x in (store, cluster, source)) != 1:
+            raise ConfigError("give exactly one of store (a path or Store), cluster (a ClusterSpec, LocalCluster "
+                              "or cluster file) or source")
         if workers < 1:
             raise ConfigError(f"workers must be >= 1 (got {workers})")
         if prefetch < 1:
@@ -118,25 +137,30 @@ class Loader:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
+        if cluster is not None:
+            from nearstore.node.client import ClusterSource
+            from nearstore.node.cluster import ClusterSpec
+
+            spec = getattr(cluster, "spec", cluster)
+            spec = spec if isinstance(spec, ClusterSpec) else ClusterSpec.load(spec)
+            source = ClusterSource(spec, self.pipeline, split)
+        elif split not in ("host", 0):
+            raise ConfigError(f"split={split!r} needs a cluster: ops run on storage nodes only when "
+                              "Loader(cluster=...) is given")
         self.source: SampleSource = source if source is not None else LocalSource(store)
         self.manifest = self.source.manifest
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size, self.remainder, self.drop_last = rank, world_size, remainder, drop_last
         self.workers, self.prefetch, self.on_error = workers, prefetch, on_error
         rank_share(np.arange(1), rank=rank, world_size=world_size, remainder=remainder)  # validates
-        self.specs: list[Spec] = self.pipeline.declare(
-            input_spec(
-                self.manifest.payload,
-                mean_bytes=self.manifest.mean_payload_bytes,
-                mean_hw=(self.manifest.mean_height, self.manifest.mean_width),
-            )
-        )
+        self.specs: list[Spec] = self.pipeline.declare(input_spec_of(self.manifest))
         self.output_spec = self.specs[-1]
         self.epoch = 0
         self._batches_done = 0
         self.stats = LoaderStats()
         self._stats_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._io: ThreadPoolExecutor | None = None
 
     # -- order -------------------------------------------------------------
     def share(self, epoch: int) -> np.ndarray:
@@ -192,19 +216,20 @@ class Loader:
         total = num_batches(len(share), self.batch_size, drop_last=self.drop_last)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nearstore-host", initializer=worker_init)
+            self._io = ThreadPoolExecutor(self.prefetch, thread_name_prefix="nearstore-io")
         pending: deque[Future] = deque()
         nxt = start
         t_start = time.perf_counter()
         try:
             while nxt < total and len(pending) < self.prefetch:
-                pending.append(self._pool.submit(self._build, epoch, nxt, share))
+                pending.append(self._submit(epoch, nxt, share))
                 nxt += 1
             while pending:
                 t0 = time.perf_counter()
                 batch = pending.popleft().result()
                 waited = time.perf_counter() - t0
                 if nxt < total:
-                    pending.append(self._pool.submit(self._build, epoch, nxt, share))
+                    pending.append(self._submit(epoch, nxt, share))
                     nxt += 1
                 self._batches_done = batch.index + 1
                 with self._stats_lock:
@@ -218,12 +243,33 @@ class Loader:
                 f.cancel()
         self.epoch, self._batches_done = epoch + 1, 0
 
-    def _build(self, epoch: int, index: int, share: np.ndarray) -> Batch:
+    def _submit(self, epoch: int, index: int, share: np.ndarray) -> Future:
+        """Fetch on the I/O pool (up to ``prefetch`` batches ahead), then compute on the worker pool."""
+        assert self._io is not None and self._pool is not None
         lo, hi = batch_bounds(index, len(share), self.batch_size)
         ids = share[lo:hi]
-        t0 = time.perf_counter()
-        fetched = self.source.fetch(ids, epoch=epoch)
-        fetch_s = time.perf_counter() - t0
+        result: Future = Future()
+        pool = self._pool
+
+        def fetch() -> tuple[list[Fetched], float]:
+            t0 = time.perf_counter()
+            return self.source.fetch(ids, epoch=epoch, seed=self.seed), time.perf_counter() - t0
+
+        def fetched(ff: Future) -> None:
+            if result.cancelled():
+                return
+            try:
+                got, seconds = ff.result()
+                cf = pool.submit(self._build, epoch, index, ids, got, seconds)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer with its traceback
+                _settle(result, exc=exc)
+                return
+            cf.add_done_callback(lambda c: _settle(result, source=c))
+
+        self._io.submit(fetch).add_done_callback(fetched)
+        return result
+
+    def _build(self, epoch: int, index: int, ids: np.ndarray, fetched: list[Fetched], fetch_s: float) -> Batch:
         spec = self.output_spec
         buf = np.empty((len(ids), *spec.shape), dtype=spec.dtype) if spec.fixed else [None] * len(ids)
         keys: list[str] = []
@@ -280,9 +326,10 @@ class Loader:
         ) from err
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        for pool in (self._io, self._pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._io = None
         self.source.close()
 
     def __enter__(self) -> "Loader":

@@ -36,7 +36,7 @@ class SampleSource(Protocol):
     manifest: Manifest
     prefix: int  # how many pipeline ops the source has applied
 
-    def fetch(self, ids: np.ndarray, *, epoch: int) -> list[Fetched]: ...
+    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int) -> list[Fetched]: ...
 
     def close(self) -> None: ...
 
@@ -50,7 +50,7 @@ class LocalSource:
         self.store = store if isinstance(store, Store) else Store(store)
         self.manifest = self.store.manifest
 
-    def fetch(self, ids: np.ndarray, *, epoch: int) -> list[Fetched]:
+    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0) -> list[Fetched]:
         out: list[Fetched] = []
         for sid in ids.tolist():
             s, i = self.store.locate(sid)

@@ -136,3 +136,4 @@ def rng_for(seed: int, epoch: int, key: str, position: int) -> np.random.Generat
     """The generator of op ``position`` for sample ``key``: a pure function of its arguments."""
     digest = hashlib.blake2b(f"{seed}\x00{epoch}\x00{key}\x00{position}".encode(), digest_size=16).digest()
     return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
+

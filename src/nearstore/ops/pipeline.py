@@ -20,7 +20,7 @@ from nearstore.core.errors import ConfigError, OpParamError
 from nearstore.ops.base import Op, Spec, make_op, rng_for
 from nearstore.ops.image import DecodeJpeg, GeometryOp, decode_geometry
 
-__all__ = ["Pipeline", "Stage", "input_spec", "standard_train", "SPLIT_NAMES"]
+__all__ = ["Pipeline", "Stage", "input_spec", "input_spec_of", "standard_train", "SPLIT_NAMES"]
 
 SPLIT_NAMES = ("host", "node")
 
@@ -44,8 +44,14 @@ class Stage:
 
 
 def input_spec(payload: str, *, mean_bytes: float, mean_hw: tuple[float, float] | None) -> Spec:
-    """The spec of raw samples as stored (from the manifest)."""
+    """The spec of raw samples as stored."""
     return Spec(payload, None, "uint8", float(mean_bytes), mean_hw)
+
+
+def input_spec_of(manifest: Any) -> Spec:
+    """The spec of a store's raw samples, from its manifest (payload kind, mean bytes and image size)."""
+    return input_spec(manifest.payload, mean_bytes=manifest.mean_payload_bytes,
+                      mean_hw=(float(manifest.mean_height), float(manifest.mean_width)))
 
 
 class Pipeline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 from pathlib import Path
 
@@ -38,6 +39,25 @@ class Store:
         self._readers: dict[int, ShardReader] = {}
         self._lock = threading.Lock()
         self._nodes = set(nodes) if nodes is not None else None
+        self._node_local = False
+
+    @classmethod
+    def node(cls, node_dir: str | Path) -> "Store":
+        """The part of a store held by one node directory (``.../node-XXX``), read on its own."""
+        node_dir = Path(node_dir)
+        m = re.fullmatch(r"node-(\d+)", node_dir.name)
+        if m is None:
+            raise StoreError(f"{node_dir} is not a node directory (expected a name like node-000 inside a store)")
+        st = cls(node_dir, nodes=[int(m.group(1))])
+        st._node_local = True
+        return st
+
+    @property
+    def node_id(self) -> int | None:
+        return next(iter(self._nodes)) if self._node_local and self._nodes else None
+
+    def holds(self, shard: int) -> bool:
+        return self._nodes is None or any(n in self._nodes for n in self.manifest.shards[shard].nodes)
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -65,7 +85,8 @@ class Store:
             raise StoreError(f"shard {entry.name} is not held by nodes {sorted(self._nodes or [])}")
         errors: list[StoreError] = []
         for n in candidates:
-            path = self.path / node_dir_name(n) / f"{entry.name}.tar"
+            base = self.path if self._node_local else self.path / node_dir_name(n)
+            path = base / f"{entry.name}.tar"
             try:
                 return ShardReader(path, shard=entry.name)
             except StoreError as exc:

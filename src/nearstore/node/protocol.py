@@ -1,0 +1,166 @@
+"""The wire protocol between loaders and storage nodes (Arrow Flight), shared by both sides.
+
+- A **ticket** is a small JSON document (validated by ``Ticket``): dataset
+  name, the sample ids in order (or ranges), the op prefix to run on the node,
+  seed, epoch, and rows per record batch. Sizes are bounded.
+- The **response** is a stream of record batches with columns ``sample``,
+  ``key``, ``label``, ``data`` (the bytes of each output: the stored payload
+  when no op ran, else the C-order array), ``shape`` and ``crc32c`` (of
+  ``data``, computed by the node: end-to-end integrity of what it computed).
+  Schema metadata carries the output kind and dtype.
+- Bytes on the wire are counted on both sides as the Arrow IPC message size
+  of each record batch (``pyarrow.ipc.get_record_batch_size``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nearstore.core.checksum import crc32c
+from nearstore.core.errors import ConfigError
+
+__all__ = [
+    "MAX_TICKET_BYTES", "MAX_SAMPLES", "Ticket", "parse_ticket", "response_schema", "encode_rows",
+    "decode_rows", "wire_bytes", "NAME_RE",
+]
+
+MAX_TICKET_BYTES = 256 * 1024
+MAX_SAMPLES = 16384
+MAX_OPS = 32
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+class Ticket(BaseModel):
+    """What a DoGet asks a node for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: int = 1
+    dataset: str
+    samples: list[Annotated[int, Field(ge=0)]] | None = None
+    ranges: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]] | None = None
+    ops: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_OPS)
+    seed: int = 0
+    epoch: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1, le=4096)
+
+    @field_validator("dataset")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if ".." in v or "/" in v or "\\" in v or not NAME_RE.match(v):
+            raise ValueError(f"dataset name {v[:40]!r} must match {NAME_RE.pattern} (no '..', '/' or '\\\\')")
+        return v
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "Ticket":
+        if (self.samples is None) == (self.ranges is None):
+            raise ValueError("give exactly one of 'samples' (ids in order) or 'ranges' ([start, stop) pairs)")
+        if self.v != 1:
+            raise ValueError(f"unsupported ticket version {self.v}; this node speaks version 1")
+        if len(self.ids()) > MAX_SAMPLES:
+            raise ValueError(f"a ticket may ask for at most {MAX_SAMPLES} samples")
+        return self
+
+    def ids(self) -> list[int]:
+        if self.samples is not None:
+            return self.samples
+        out: list[int] = []
+        for a, b in self.ranges or []:
+            if b < a:
+                raise ValueError(f"range [{a}, {b}) has stop < start")
+            if len(out) + (b - a) > MAX_SAMPLES:
+                raise ValueError(f"a ticket may ask for at most {MAX_SAMPLES} samples")
+            out.extend(range(a, b))
+        return out
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def parse_ticket(raw: bytes) -> Ticket:
+    """Validate a ticket; every problem is a ConfigError with a precise message."""
+    if len(raw) > MAX_TICKET_BYTES:
+        raise ConfigError(f"ticket is {len(raw)} bytes; the limit is {MAX_TICKET_BYTES}")
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"ticket is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"ticket must be a JSON object, got {type(doc).__name__}")
+    try:
+        return Ticket.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'ticket'}: {e['msg']}" for e in exc.errors()[:5])
+        raise ConfigError(f"bad ticket: {problems}") from None
+
+
+def response_schema(kind: str, dtype: str) -> pa.Schema:
+    return pa.schema(
+        [
+            ("sample", pa.int64()),
+            ("key", pa.string()),
+            ("label", pa.int32()),
+            ("data", pa.binary()),
+            ("shape", pa.list_(pa.int32())),
+            ("crc32c", pa.uint32()),
+        ],
+        metadata={"kind": kind, "dtype": dtype},
+    )
+
+
+def encode_rows(schema: pa.Schema, rows: list[tuple[int, str, int, Any]]) -> pa.RecordBatch:
+    """Rows of (sample, key, label, output) -> a record batch; outputs are bytes or numpy arrays."""
+    datas, shapes, crcs = [], [], []
+    for _, _, _, out in rows:
+        if isinstance(out, np.ndarray):
+            buf = np.ascontiguousarray(out)
+            data = memoryview(buf).cast("B")
+            shapes.append(list(buf.shape))
+        else:
+            data = out
+            shapes.append([])
+        datas.append(data)
+        crcs.append(crc32c(data))
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array([r[0] for r in rows], pa.int64()),
+            pa.array([r[1] for r in rows], pa.string()),
+            pa.array([r[2] for r in rows], pa.int32()),
+            pa.array([bytes(d) if isinstance(d, memoryview) else d for d in datas], pa.binary()),
+            pa.array(shapes, pa.list_(pa.int32())),
+            pa.array(crcs, pa.uint32()),
+        ],
+        schema=schema,
+    )
+
+
+def decode_rows(batch: pa.RecordBatch) -> list[tuple[int, str, int, Any, int, bool]]:
+    """A record batch -> rows of (sample, key, label, output, nbytes, crc_ok); arrays are zero-copy views."""
+    meta = batch.schema.metadata or {}
+    dtype = (meta.get(b"dtype") or b"bytes").decode()
+    col = batch.column("data")
+    offsets = np.frombuffer(col.buffers()[1], np.int32, count=len(col) + 1, offset=col.offset * 4)
+    payload = col.buffers()[2]
+    raw = np.frombuffer(payload, np.uint8) if payload is not None else np.zeros(0, np.uint8)
+    shapes = batch.column("shape").to_pylist()
+    crcs = batch.column("crc32c").to_numpy()
+    out = []
+    for i, (sample, key, label) in enumerate(
+        zip(batch.column("sample").to_pylist(), batch.column("key").to_pylist(), batch.column("label").to_pylist())
+    ):
+        piece = raw[offsets[i] : offsets[i + 1]]
+        ok = crc32c(piece) == int(crcs[i])
+        value: Any = piece.tobytes() if dtype == "bytes" else piece.view(dtype).reshape(shapes[i])
+        out.append((sample, key, label, value, len(piece), ok))
+    return out
+
+
+def wire_bytes(batch: pa.RecordBatch) -> int:
+    """Bytes of the Arrow IPC message that carries ``batch`` (metadata + body)."""
+    return pa.ipc.get_record_batch_size(batch)

@@ -1,0 +1,315 @@
+"""A storage node: an Arrow Flight server that owns one node directory of a store.
+
+It reads the samples a ticket names, verifies their crc32c, runs the ticket's
+op prefix (the same ``Pipeline`` code the host runs) on ``workers`` threads,
+and streams record batches back, paced by an optional link cap that emulates
+the storage-to-compute link. Every bad request is answered with a precise
+Flight error; nothing a client sends can stop the server.
+
+Run one: ``nearstore node serve --data STORE/node-000 --port 0`` (it prints one
+JSON line with its port when it is ready).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from nearstore.core.errors import ConfigError, NearstoreError
+from nearstore.node.protocol import encode_rows, parse_ticket, response_schema, wire_bytes
+from nearstore.ops.image import worker_init
+from nearstore.ops.pipeline import Pipeline, input_spec_of
+from nearstore.store.store import Store
+
+__all__ = ["NodeServer", "LinkCap", "TokenMiddlewareFactory", "main"]
+
+MAX_PROFILE_SAMPLES = 256
+
+
+class LinkCap:
+    """Paces bytes leaving the node to ``bytes_per_s`` across all of its streams (None: no cap)."""
+
+    def __init__(self, bytes_per_s: float | None) -> None:
+        self.rate = bytes_per_s
+        self._next_free = time.monotonic()
+        self._lock = threading.Lock()
+
+    def send(self, nbytes: int) -> float:
+        """Block until ``nbytes`` may go out; returns the seconds waited."""
+        if not self.rate:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_free)
+            self._next_free = start + nbytes / self.rate
+            wait = self._next_free - now
+        if wait > 0:
+            time.sleep(wait)
+        return max(wait, 0.0)
+
+
+class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):
+    """Rejects every call that does not carry ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self._expected = f"Bearer {token}"
+
+    def start_call(self, info, headers):  # noqa: ANN001, ANN201
+        got = headers.get("authorization") or headers.get("Authorization") or []
+        if self._expected not in got:
+            raise flight.FlightUnauthenticatedError(
+                "missing or wrong token: pass the node's token (cluster file, or NEARSTORE_TOKEN)")
+        return None
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.samples = 0
+        self.wire_bytes = 0
+        self.payload_bytes = 0
+        self.read_bytes = 0
+        self.errors = 0
+        self.bad_requests = 0
+        self.link_wait_seconds = 0.0
+        self.read_seconds = 0.0
+        self.op_seconds: dict[str, float] = {}
+        self.started = time.time()
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items() if k != "lock"}
+
+
+class NodeServer(flight.FlightServerBase):
+    """Serve one node directory. ``link_bytes_per_s`` caps what it sends; ``workers`` threads run ops."""
+
+    def __init__(self, data: str | Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 2,
+                 link_bytes_per_s: float | None = None, token: str | None = None,
+                 allow_shutdown: bool = False) -> None:
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1 (got {workers})")
+        if link_bytes_per_s is not None and link_bytes_per_s <= 0:
+            raise ConfigError(f"link cap must be > 0 bytes/s (got {link_bytes_per_s})")
+        self.store = Store.node(data)
+        self.node_id = self.store.node_id
+        middleware = {"auth": TokenMiddlewareFactory(token)} if token else None
+        super().__init__(f"grpc://{host}:{port}", middleware=middleware)
+        self.workers = workers
+        self.link = LinkCap(link_bytes_per_s)
+        self.stats = _Stats()
+        self.allow_shutdown = allow_shutdown
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="nearstore-node", initializer=worker_init)
+        self._pipelines: dict[str, Pipeline] = {}
+        self._pipelines_lock = threading.Lock()
+
+    # -- helpers -----------------------------------------------------------------
+    def _pipeline(self, ops: list[dict]) -> Pipeline:
+        key = json.dumps(ops, sort_keys=True)
+        with self._pipelines_lock:
+            p = self._pipelines.get(key)
+        if p is None:
+            p = Pipeline(ops)
+            p.declare(input_spec_of(self.store.manifest))  # kind errors before any work
+            with self._pipelines_lock:
+                if len(self._pipelines) > 64:
+                    self._pipelines.clear()
+                self._pipelines[key] = p
+        return p
+
+    def _bad(self, msg: str) -> flight.FlightServerError:
+        with self.stats.lock:
+            self.stats.bad_requests += 1
+        return flight.FlightServerError(msg)
+
+    def _check_dataset(self, name: str) -> None:
+        if name != self.store.manifest.name:
+            raise self._bad(f"unknown dataset {name!r}: node {self.node_id} serves {self.store.manifest.name!r}")
+
+    def _process(self, pipe: Pipeline, sample: int, seed: int, epoch: int) -> tuple[int, str, int, Any, int]:
+        t0 = time.perf_counter()
+        data, ref = self.store.read(sample)
+        t1 = time.perf_counter()
+        timings: dict[str, float] = {}
+        out = pipe.run(data, key=ref.key, seed=seed, epoch=epoch, timings=timings) if pipe.ops else data
+        with self.stats.lock:
+            self.stats.read_seconds += t1 - t0
+            self.stats.read_bytes += len(data)
+            for k, v in timings.items():
+                self.stats.op_seconds[k] = self.stats.op_seconds.get(k, 0.0) + v
+        return sample, ref.key, ref.label, out, len(data)
+
+    # -- Flight methods ------------------------------------------------------------
+    def do_get(self, context, ticket):  # noqa: ANN001, ANN201
+        try:
+            t = parse_ticket(ticket.ticket)
+            self._check_dataset(t.dataset)
+            ids = t.ids()
+            pipe = self._pipeline(t.ops)
+        except (ConfigError, ValueError) as exc:
+            raise self._bad(str(exc)) from None
+        n = len(self.store)
+        for sid in ids:
+            if sid >= n:
+                raise self._bad(f"sample id {sid} out of range: dataset {t.dataset!r} has {n} samples (0..{n - 1})")
+            s, _ = self.store.locate(sid)
+            if not self.store.holds(s):
+                raise self._bad(f"sample {sid} lives in shard {self.store.manifest.shards[s].name}, which node "
+                                f"{self.node_id} does not hold (nodes {self.store.manifest.shards[s].nodes} do)")
+        spec = pipe.declare(input_spec_of(self.store.manifest))[-1]
+        schema = response_schema(spec.kind, "bytes" if not pipe.ops else spec.dtype)
+        with self.stats.lock:
+            self.stats.requests += 1
+        return flight.GeneratorStream(schema, self._stream(schema, pipe, t.seed, t.epoch, ids, t.batch_size,
+                                                           context))
+
+    def _stream(self, schema: pa.Schema, pipe: Pipeline, seed: int, epoch: int, ids: list[int], batch_size: int,
+                context) -> Iterator[pa.RecordBatch]:  # noqa: ANN001
+        window = max(2 * batch_size, 2 * self.workers)
+        pending: deque[Future] = deque()
+        it = iter(ids)
+        rows: list = []
+        try:
+            for sid in it:
+                pending.append(self._pool.submit(self._process, pipe, sid, seed, epoch))
+                if len(pending) >= window:
+                    break
+            while pending:
+                try:
+                    sample, key, label, out, _ = pending.popleft().result()
+                except NearstoreError as exc:
+                    with self.stats.lock:
+                        self.stats.errors += 1
+                    raise flight.FlightServerError(f"node {self.node_id}: {exc}") from None
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(self._pool.submit(self._process, pipe, nxt, seed, epoch))
+                rows.append((sample, key, label, out))
+                if len(rows) == batch_size or not pending:
+                    batch = encode_rows(schema, rows)
+                    size = wire_bytes(batch)
+                    waited = self.link.send(size)
+                    with self.stats.lock:
+                        self.stats.samples += len(rows)
+                        self.stats.wire_bytes += size
+                        self.stats.payload_bytes += sum(len(c) for c in batch.column("data").to_pylist())
+                        self.stats.link_wait_seconds += waited
+                    rows = []
+                    if context.is_cancelled():
+                        return
+                    yield batch
+        finally:
+            for f in pending:
+                f.cancel()
+
+    def list_actions(self, context):  # noqa: ANN001, ANN201
+        return [("health", "liveness and what this node holds"), ("stats", "counters since start"),
+                ("manifest", "the store's manifest"),
+                ("profile", "run an op chain on n samples: per-stage seconds and output bytes"),
+                ("shutdown", "stop the server (only with --allow-shutdown)")]
+
+    def do_action(self, context, action):  # noqa: ANN001, ANN201
+        kind = action.type
+        body = action.body.to_pybytes() if action.body is not None else b""
+        if kind == "health":
+            man = self.store.manifest
+            held = [s.name for i, s in enumerate(man.shards) if self.store.holds(i)]
+            result = {"ok": True, "node": self.node_id, "dataset": man.name, "samples": man.num_samples,
+                      "shards_held": len(held), "workers": self.workers, "link_bytes_per_s": self.link.rate,
+                      "pid": os.getpid()}
+        elif kind == "stats":
+            result = self.stats.snapshot()
+        elif kind == "manifest":
+            result = json.loads(self.store.manifest.dumps())
+        elif kind == "profile":
+            result = self._profile(body)
+        elif kind == "shutdown":
+            if not self.allow_shutdown:
+                raise self._bad("shutdown is not allowed on this node (start it with --allow-shutdown)")
+            threading.Thread(target=self.shutdown, daemon=True).start()
+            result = {"ok": True}
+        else:
+            raise self._bad(f"unknown action {kind!r}; actions: health, stats, manifest, profile, shutdown")
+        yield flight.Result(json.dumps(result).encode())
+
+    def _profile(self, body: bytes) -> dict:
+        try:
+            req = json.loads(body or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError("profile body must be a JSON object {ops, n, seed}")
+            n = int(req.get("n", 16))
+            if not 1 <= n <= MAX_PROFILE_SAMPLES:
+                raise ValueError(f"n must be in 1..{MAX_PROFILE_SAMPLES}")
+            pipe = self._pipeline(list(req.get("ops", [])))
+        except (ValueError, TypeError, NearstoreError) as exc:
+            raise self._bad(f"bad profile request: {exc}") from None
+        man = self.store.manifest
+        ids = [s.first + j for i, s in enumerate(man.shards) if self.store.holds(i) for j in range(s.samples)][:n]
+        stage_s = {st.name: 0.0 for st in pipe.stages}
+        out_bytes = {st.name: 0 for st in pipe.stages}
+        read_s = raw = 0.0
+        for sid in ids:
+            t0 = time.perf_counter()
+            x, ref = self.store.read(sid)
+            read_s += time.perf_counter() - t0
+            raw += len(x)
+            for st in pipe.stages:
+                y = pipe.run(x, key=ref.key, seed=0, epoch=0, start=st.start, stop=st.stop, timings=stage_s)
+                out_bytes[st.name] += y.nbytes if hasattr(y, "nbytes") else len(y)
+                x = y
+        k = max(len(ids), 1)
+        return {"node": self.node_id, "samples": len(ids), "read_seconds": read_s / k, "raw_bytes": raw / k,
+                "stages": [{"name": st.name, "start": st.start, "stop": st.stop, "seconds": stage_s[st.name] / k,
+                            "out_bytes": out_bytes[st.name] / k} for st in pipe.stages]}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="nearstore node serve", description="Serve one node directory over Flight.")
+    ap.add_argument("--data", required=True, help="the node directory (STORE/node-XXX)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    ap.add_argument("--port", type=int, default=0, help="port (0: any free port, printed on start)")
+    ap.add_argument("--workers", type=int, default=2, help="threads running ops")
+    ap.add_argument("--link-mbps", type=float, default=None,
+                    help="cap on bytes sent, in MB/s (10^6 bytes per second): emulates the link")
+    ap.add_argument("--token", default=os.environ.get("NEARSTORE_TOKEN"), help="require this bearer token")
+    ap.add_argument("--allow-shutdown", action="store_true", help="honour the shutdown action")
+    args = ap.parse_args(argv)
+    try:
+        server = NodeServer(args.data, host=args.host, port=args.port, workers=args.workers,
+                            link_bytes_per_s=args.link_mbps * 1e6 if args.link_mbps else None, token=args.token,
+                            allow_shutdown=args.allow_shutdown)
+    except NearstoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def stop(*_: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(json.dumps({"port": server.port, "node": server.node_id, "pid": os.getpid()}), flush=True)
+    server.serve()
+    server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
