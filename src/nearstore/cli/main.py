@@ -122,9 +122,61 @@ def statistics_ratio(res: dict, name: str) -> float:
     return res["median_ratio"][key]
 
 
+node_app = typer.Typer(no_args_is_help=True, help="Run a storage node by hand (one per storage host).")
+app.add_typer(node_app, name="node")
+
+
+@node_app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def node_serve(ctx: typer.Context) -> None:
+    """Serve one node directory over Arrow Flight: --data DIR [--port P] [--host H] [--workers W]
+    [--link-mbps MB/s] [--token T] [--allow-shutdown]."""
+    from nearstore.node.server import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args)))
+
+
+@app.command()
+def up(
+    store: Path = typer.Argument(..., help="store whose node directories to serve"),
+    nodes: Optional[int] = typer.Option(None, help="how many node directories (default: all)"),
+    link_mbps: Optional[float] = typer.Option(None, help="per-node link cap in MB/s (10^6 bytes/s)"),
+    workers_per_node: int = typer.Option(2, help="op threads per node"),
+    token: Optional[str] = typer.Option(None, envvar="NEARSTORE_TOKEN", help="require this token"),
+) -> None:
+    """Start a local cluster (one node process per node directory) and write STORE/cluster.json."""
+    from nearstore.node.cluster import CLUSTER_FILE, start_cluster
+
+    if (store / CLUSTER_FILE).exists():
+        raise typer.BadParameter(f"{store / CLUSTER_FILE} exists: run `nearstore down {store}` first")
+    spec, procs = start_cluster(store, nodes=nodes, link_mbps=link_mbps, workers_per_node=workers_per_node,
+                                token=token, detach=True)
+    for p in procs:
+        if p.stdout:
+            p.stdout.close()
+    spec.save(store / CLUSTER_FILE)
+    for ep in spec.nodes:
+        console.print(f"node {ep.node}: {ep.uri} (pid {ep.pid})")
+    console.print(f"cluster file: {store / CLUSTER_FILE}; stop with `nearstore down {store}`")
+
+
+@app.command()
+def down(store: Path = typer.Argument(...)) -> None:
+    """Stop the local cluster recorded in STORE/cluster.json."""
+    from nearstore.node.cluster import stop_cluster
+
+    pids = stop_cluster(store)
+    console.print(f"stopped {len(pids)} node processes")
+
+
 @app.command()
 def bench(
-    local: Path = typer.Option(..., "--local", help="store to benchmark the host pipeline on"),
+    local: Optional[Path] = typer.Option(None, "--local", help="store to benchmark the host pipeline on"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", help="cluster file (or store dir) for the "
+                                           "emulated-accelerator benchmark"),
+    split: str = typer.Option("host", help="with --cluster: 'host', 'node' or an op index"),
+    step_time: float = typer.Option(0.0, help="with --cluster: seconds of emulated compute per batch"),
+    samples: int = typer.Option(512, help="with --cluster: samples to time"),
+    normalize: bool = typer.Option(True, help="with --cluster: end the pipeline with normalize"),
     n: int = typer.Option(1280, help="images per system per round"),
     rounds: int = typer.Option(3, help="interleaved rounds (median reported)"),
     workers: int = typer.Option(2, help="host workers for every system"),
@@ -132,8 +184,28 @@ def bench(
     overhead: bool = typer.Option(True, help="also measure loader overhead on decoded samples"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
-    """Host pipeline benchmark against PyTorch DataLoader+Pillow and DALI CPU, in the same run."""
+    """Host pipeline benchmark (--local) or emulated-accelerator training over a cluster (--cluster)."""
     from nearstore.bench.host import host_pipeline_bench, loader_overhead_bench
+
+    if cluster is not None:
+        from nearstore.bench.accel import emulated_training
+        from nearstore.node.cluster import ClusterSpec
+        from nearstore.ops.pipeline import standard_train
+
+        spec = ClusterSpec.load(cluster)
+        res = emulated_training(spec, pipeline=standard_train(normalize=normalize),
+                                split=int(split) if split.isdigit() else split, step_time=step_time, samples=samples)
+        t = Table(title=f"emulated training, split {split}, step {step_time} s")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k in ("samples_per_s", "au", "stall_seconds", "bytes_per_sample", "link_utilization"):
+            v = res[k]
+            t.add_row(k, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        Console().print(t)
+        write_json(json_path, res)
+        return
+    if local is None:
+        raise typer.BadParameter("give --local STORE (host pipeline) or --cluster FILE (emulated training)")
 
     with console.status("benchmarking") as status:
         res = host_pipeline_bench(local, n=n, rounds=rounds, workers=workers, dali=dali,

@@ -45,7 +45,7 @@ class Ticket(BaseModel):
     dataset: str
     samples: list[Annotated[int, Field(ge=0)]] | None = None
     ranges: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]] | None = None
-    ops: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_OPS)
+    ops: list[dict[str, Any] | str] = Field(default_factory=list, max_length=MAX_OPS)
     seed: int = 0
     epoch: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=1, le=4096)

@@ -118,7 +118,7 @@ class NodeServer(flight.FlightServerBase):
         self._pipelines_lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------
-    def _pipeline(self, ops: list[dict]) -> Pipeline:
+    def _pipeline(self, ops: list[dict | str]) -> Pipeline:
         key = json.dumps(ops, sort_keys=True)
         with self._pipelines_lock:
             p = self._pipelines.get(key)

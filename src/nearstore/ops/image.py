@@ -373,5 +373,7 @@ class Normalize(Op):
 
     def into(self, x: np.ndarray, rng: np.random.Generator | None, out: np.ndarray) -> None:
         t = torch.from_numpy(out)
-        torch.mul(torch.from_numpy(np.ascontiguousarray(x)), self._tscale, out=t)
+        x = np.ascontiguousarray(x)
+        src = torch.from_numpy(x) if x.flags.writeable else torch.tensor(x)  # e.g. a view of a received buffer
+        torch.mul(src, self._tscale, out=t)
         t.sub_(self._tshift)

@@ -1,0 +1,108 @@
+"""Emulated-accelerator training (DLIO / MLPerf Storage style) and the node-split sweep.
+
+Each batch "computes" for a fixed step time (a sleep on the consumer thread,
+which is what an accelerator-bound training loop looks like to the input
+pipeline). Reported: samples/s, accelerator utilization AU = compute time /
+wall time (first step excluded), stall time, bytes per sample on the link,
+link utilization against the cap, and per-stage seconds on nodes and host.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from nearstore.loader.loader import Loader
+from nearstore.node.client import NodeClient
+from nearstore.node.cluster import ClusterSpec, LocalCluster
+from nearstore.ops.pipeline import Pipeline
+
+__all__ = ["emulated_training", "split_sweep"]
+
+
+def _node_stats(spec: ClusterSpec) -> list[dict]:
+    out = []
+    for ep in spec.nodes:
+        c = NodeClient(ep.uri, node=ep.node, token=spec.token)
+        out.append(c.stats())
+        c.close()
+    return out
+
+
+def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str, step_time: float,
+                      samples: int, batch_size: int = 64, workers: int = 2, seed: int = 0) -> dict:
+    """Run ``samples`` samples through Loader(cluster=spec) with a fixed compute time per batch."""
+    before = _node_stats(spec)
+    with Loader(cluster=spec, pipeline=pipeline, split=split, batch_size=batch_size, workers=workers,
+                seed=seed) as loader:
+        source = loader.source
+        seen = steps = 0
+        compute = stall = 0.0
+        t_first = t_prev = None
+        wire0 = 0
+        epoch = 0
+        while seen < samples:
+            loader.set_epoch(epoch)
+            for batch in loader:
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now  # the first step's wait (start-up) is excluded
+                    wire0 = source.wire_bytes
+                else:
+                    stall += now - t_prev
+                    seen += len(batch)
+                    steps += 1
+                    compute += step_time
+                if step_time:
+                    time.sleep(step_time)
+                t_prev = time.perf_counter()
+                if seen >= samples:
+                    break
+            epoch += 1
+        wall = t_prev - t_first
+        wire = source.wire_bytes - wire0
+        host_ops = dict(loader.stats.op_seconds)
+        prefix = source.prefix
+    after = _node_stats(spec)
+    node_ops: dict[str, float] = {}
+    for b, a in zip(before, after):
+        for k, v in a["op_seconds"].items():
+            node_ops[k] = node_ops.get(k, 0.0) + v - b["op_seconds"].get(k, 0.0)
+        node_ops["read"] = node_ops.get("read", 0.0) + a["read_seconds"] - b["read_seconds"]
+    cap = spec.link_mbps * 1e6 * len(spec.nodes) if spec.link_mbps else None
+    bytes_per_s = wire / wall if wall else 0.0
+    return {
+        "split": split,
+        "prefix_ops": prefix,
+        "step_time": step_time,
+        "samples": seen,
+        "samples_per_s": seen / wall if wall else 0.0,
+        "au": compute / wall if wall else 0.0,
+        "stall_seconds": stall,
+        "wall_seconds": wall,
+        "wire_bytes": wire,
+        "bytes_per_sample": wire / seen if seen else 0.0,
+        "link_bytes_per_s": bytes_per_s,
+        "link_cap_bytes_per_s": cap,
+        "link_utilization": bytes_per_s / cap if cap else None,
+        "node_stage_seconds": node_ops,
+        "host_stage_seconds": host_ops,
+    }
+
+
+def split_sweep(store: str | Path, *, pipeline: Pipeline, caps: list[float | None], splits: list[int | str],
+                samples: int, step_time: float = 0.0, workers_per_node: int = 1,
+                progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Every (cap, split) on a fresh local cluster per cap; returns one row per run."""
+    rows = []
+    for cap in caps:
+        with LocalCluster(store, link_mbps=cap, workers_per_node=workers_per_node) as cluster:
+            for split in splits:
+                if progress:
+                    progress(f"cap {cap} MB/s, split {split}")
+                r = emulated_training(cluster.spec, pipeline=pipeline, split=split, step_time=step_time,
+                                      samples=samples)
+                r["cap_mb_per_s"] = cap
+                rows.append(r)
+    return rows

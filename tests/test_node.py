@@ -1,0 +1,230 @@
+"""Storage nodes: real node processes on loopback in every test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.flight as flight
+import pytest
+
+from nearstore import Loader, standard_train
+from nearstore.node import LocalCluster
+from nearstore.node.client import NodeClient, NodeRequestError, NodeUnavailableError
+from nearstore.node.cluster import ClusterSpec, NodeEndpoint
+from nearstore.node.protocol import MAX_TICKET_BYTES, Ticket, decode_rows, wire_bytes
+from nearstore.store import Manifest
+
+pytestmark = pytest.mark.timeout(180)
+PIPE = standard_train(64)
+
+
+@pytest.fixture(scope="module")
+def cluster(store):
+    with LocalCluster(store, workers_per_node=2) as c:
+        yield c
+
+
+def digest(loader) -> str:
+    h = hashlib.sha256()
+    for b in loader:
+        h.update(b.data.tobytes())
+        h.update(b.labels.tobytes())
+    return h.hexdigest()
+
+
+def test_health_stats_manifest(cluster, store):
+    man = Manifest.load(store)
+    for ep in cluster.spec.nodes:
+        c = NodeClient(ep.uri, node=ep.node)
+        h = c.health()
+        assert h["ok"] and h["node"] == ep.node and h["dataset"] == man.name and h["shards_held"] > 0
+        assert c.manifest().fingerprint == man.fingerprint
+        assert {"requests", "samples", "wire_bytes", "op_seconds", "errors"} <= set(c.stats())
+        c.close()
+
+
+@pytest.mark.parametrize("split", ["host", 2, 3, 4, "node"])
+def test_bit_identical_for_every_split(cluster, store, split):
+    with Loader(store, pipeline=PIPE, batch_size=8, seed=5) as local:
+        want = digest(local)
+    with Loader(cluster=cluster, pipeline=PIPE, split=split, batch_size=8, seed=5, workers=2) as remote:
+        assert digest(remote) == want
+        assert remote.source.wire_bytes > 0
+
+
+def test_split_inside_fused_stage_is_rejected(cluster):
+    with pytest.raises(ValueError, match="inside the fused stage"):
+        Loader(cluster=cluster, pipeline=PIPE, split=1, batch_size=8)
+
+
+def test_profile_action(cluster):
+    ep = cluster.spec.nodes[0]
+    c = NodeClient(ep.uri, node=ep.node)
+    prof = c.profile(PIPE.to_json(), n=4)
+    assert prof["samples"] == 4 and prof["raw_bytes"] > 10_000
+    names = [s["name"] for s in prof["stages"]]
+    assert names == ["decode_jpeg+random_resized_crop", "flip", "to_uint8_chw", "normalize"]
+    assert prof["stages"][0]["out_bytes"] == 64 * 64 * 3 and prof["stages"][-1]["out_bytes"] == 64 * 64 * 3 * 4
+    assert all(s["seconds"] > 0 for s in prof["stages"])
+    c.close()
+
+
+def _ids_on(store, node: int) -> list[int]:
+    man = Manifest.load(store)
+    return [s.first + j for s in man.shards if node in s.nodes for j in range(s.samples)]
+
+
+def test_byte_accounting_is_exact(cluster, store):
+    """Both sides count the same wire bytes; wire = payload + measured framing."""
+    ep = cluster.spec.nodes[0]
+    c = NodeClient(ep.uri, node=ep.node)
+    before = c.stats()
+    ids = _ids_on(store, ep.node)[:20]
+    t = Ticket(dataset=Manifest.load(store).name, samples=ids, ops=PIPE.to_json()[:4], seed=1, batch_size=8)
+    batches, client_wire = c.get(t)
+    after = c.stats()
+    rows = [r for b in batches for r in decode_rows(b)]
+    payload = sum(r[4] for r in rows)
+    assert [r[0] for r in rows] == ids and all(r[5] for r in rows)
+    assert payload == 20 * 3 * 64 * 64
+    assert after["wire_bytes"] - before["wire_bytes"] == client_wire
+    assert after["payload_bytes"] - before["payload_bytes"] == payload
+    framing = client_wire - payload
+    assert 0 < framing < 2048 * len(batches)  # Arrow IPC metadata, offsets, keys, labels, shapes, crcs
+    assert client_wire == sum(wire_bytes(b) for b in batches)
+    c.close()
+
+
+def _bad_tickets(name: str) -> list[bytes]:
+    good = {"dataset": name, "samples": [0], "ops": []}
+    return [
+        b"{not json",
+        b"[1, 2]",
+        json.dumps({**good, "dataset": "nope"}).encode(),
+        json.dumps({**good, "dataset": "../etc"}).encode(),
+        json.dumps({**good, "dataset": "a/b"}).encode(),
+        json.dumps({**good, "ops": [{"op": "explode"}]}).encode(),
+        json.dumps({**good, "ops": [{"op": "random_resized_crop", "size": -1}]}).encode(),
+        json.dumps({**good, "ops": ["to_uint8_chw"]}).encode(),
+        json.dumps({**good, "samples": [10**9]}).encode(),
+        json.dumps({**good, "samples": [-1]}).encode(),
+        json.dumps({**good, "extra": 1}).encode(),
+        json.dumps({"dataset": name}).encode(),
+        json.dumps({**good, "batch_size": 0}).encode(),
+        b"x" * (MAX_TICKET_BYTES + 1),
+    ]
+
+
+def test_burst_of_bad_requests_then_a_good_one(cluster, store):
+    ep = cluster.spec.nodes[0]
+    name = Manifest.load(store).name
+    client = flight.FlightClient(ep.uri)
+    messages = []
+    for raw in _bad_tickets(name):
+        with pytest.raises(flight.FlightError) as info:
+            client.do_get(flight.Ticket(raw)).read_all()
+        messages.append(str(info.value))
+    expected = ["not valid JSON", "must be a JSON object", "unknown dataset 'nope'", "must match",
+                "must match", "unknown op 'explode'", "size", "takes image", "out of range",
+                "greater than or equal to 0", "extra", "exactly one of 'samples'", "batch_size",
+                "the limit is"]
+    for msg, want in zip(messages, expected):
+        assert want in msg, (want, msg)
+    with pytest.raises(flight.FlightError, match="unknown action"):
+        list(client.do_action(flight.Action("rm -rf", b"")))
+    with pytest.raises(flight.FlightError, match="shutdown is not allowed"):
+        list(client.do_action(flight.Action("shutdown", b"")))
+    # a client that disconnects mid-stream
+    ids = _ids_on(store, ep.node)
+    reader = client.do_get(flight.Ticket(Ticket(dataset=name, samples=ids, ops=PIPE.to_json()[:2],
+                                                batch_size=1).encode()))
+    reader.read_chunk()
+    reader.cancel()
+    client.close()
+    # still serving, and correct
+    c = NodeClient(ep.uri, node=ep.node)
+    batches, _ = c.get(Ticket(dataset=name, samples=ids[:3], ops=[]))
+    assert [r[0] for b in batches for r in decode_rows(b)] == ids[:3]
+    assert c.stats()["bad_requests"] >= len(expected)
+    c.close()
+
+
+def test_node_serving_samples_it_does_not_hold(store, image_folder, tmp_path):
+    from nearstore.store import ingest
+
+    with LocalCluster(store) as c:  # 2 replicas on 2 nodes: every node holds everything
+        assert all(NodeClient(ep.uri).health()["shards_held"] == len(Manifest.load(store).shards)
+                   for ep in c.spec.nodes)
+    single = tmp_path / "single"
+    ingest(image_folder, single, nodes=2, replicas=1, shard_size=1 << 20)
+    with LocalCluster(single, nodes=1) as c:
+        ids = _ids_on(single, 1)
+        cl = NodeClient(c.spec.nodes[0].uri, node=0)
+        with pytest.raises(NodeRequestError, match="which node 0 does not hold"):
+            cl.get(Ticket(dataset=Manifest.load(single).name, samples=ids[:1]))
+        cl.close()
+
+
+def test_link_cap_is_respected(store):
+    """Capped at 2 MB/s per node: measured rate within 10% of the cap over a transfer of ~3 s."""
+    with LocalCluster(store, nodes=1, link_mbps=2.0) as c:
+        ep = c.spec.nodes[0]
+        cl = NodeClient(ep.uri, node=0)
+        name = Manifest.load(store).name
+        ids = _ids_on(store, 0)
+        cl.get(Ticket(dataset=name, samples=ids[:2], batch_size=1))  # warm the bucket's clock
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        batches, nbytes = cl.get(Ticket(dataset=name, samples=ids[:48], batch_size=1))
+        dt = time.perf_counter() - t0
+        rate = nbytes / dt
+        assert nbytes > 3_000_000
+        assert 0.9 * 2e6 <= rate <= 1.1 * 2e6, rate
+        cl.close()
+
+
+def test_loader_at_a_down_node_names_endpoint_and_fix(store):
+    spec = ClusterSpec(dataset="x", nodes=[NodeEndpoint(node=0, uri="grpc://127.0.0.1:1")])
+    with pytest.raises(NodeUnavailableError, match="node 0 at grpc://127.0.0.1:1 is not answering.*nearstore up"):
+        Loader(cluster=spec, pipeline=PIPE, split="node")
+
+
+def test_up_and_down_leave_no_process(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "nearstore.cli.main", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    r = run("up", str(copy), "--link-mbps", "100")
+    assert r.returncode == 0, r.stderr
+    spec = ClusterSpec.load(copy)
+    assert len(spec.nodes) == 2 and spec.link_mbps == 100
+    with Loader(cluster=spec, pipeline=PIPE, split="node", batch_size=16) as ld:
+        assert sum(len(b) for b in ld) == 48
+    r = run("up", str(copy))
+    assert r.returncode != 0 and "run `nearstore down" in " ".join(r.stderr.split())
+    r = run("down", str(copy))
+    assert r.returncode == 0, r.stderr
+    import psutil
+
+    for ep in spec.nodes:
+        assert not psutil.pid_exists(ep.pid) or psutil.Process(ep.pid).status() == psutil.STATUS_ZOMBIE
+    assert not (copy / "cluster.json").exists()
+
+
+def test_token_required_when_set(store):
+    with LocalCluster(store, nodes=1, token="s3cret") as c:
+        ep = c.spec.nodes[0]
+        with pytest.raises(NodeRequestError, match="missing or wrong token"):
+            NodeClient(ep.uri, node=0).health()
+        with pytest.raises(NodeRequestError, match="missing or wrong token"):
+            NodeClient(ep.uri, node=0, token="wrong").health()
+        assert NodeClient(ep.uri, node=0, token="s3cret").health()["ok"]
+        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=16) as ld:
+            assert np.concatenate([b.ids for b in ld]).size == 48
