@@ -92,7 +92,7 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
 
 
 def split_sweep(store: str | Path, *, pipeline: Pipeline, caps: list[float | None], splits: list[int | str],
-                samples: int, step_time: float = 0.0, workers_per_node: int = 1,
+                samples: int, step_time: float = 0.0, workers_per_node: int = 1, batch_size: int = 64,
                 progress: Callable[[str], None] | None = None) -> list[dict]:
     """Every (cap, split) on a fresh local cluster per cap; returns one row per run."""
     rows = []
@@ -102,7 +102,7 @@ def split_sweep(store: str | Path, *, pipeline: Pipeline, caps: list[float | Non
                 if progress:
                     progress(f"cap {cap} MB/s, split {split}")
                 r = emulated_training(cluster.spec, pipeline=pipeline, split=split, step_time=step_time,
-                                      samples=samples)
+                                      samples=samples, batch_size=batch_size)
                 r["cap_mb_per_s"] = cap
                 rows.append(r)
     return rows

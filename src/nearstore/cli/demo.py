@@ -11,7 +11,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from nearstore.bench.accel import split_sweep
 from nearstore.bench.host import host_pipeline_bench, loader_overhead_bench
+from nearstore.bench.nodes import UINT8_SPLIT, classify
+from nearstore.bench.plots import plot_sweep
 from nearstore.loader.loader import Loader
 from nearstore.ops.pipeline import standard_train
 from nearstore.store.ingest import ingest
@@ -48,7 +51,7 @@ def run_demo(workdir: Path, *, n: int, rounds: int, console: Console, progress: 
 
     console.rule("4. benchmark: nearstore vs PyTorch DataLoader+Pillow vs DALI CPU (same run)")
     with console.status("benchmarking") as status:
-        host = host_pipeline_bench(store, n=min(n, 640), rounds=rounds, progress=lambda m: status.update(m))
+        host = host_pipeline_bench(store, n=1280, rounds=rounds, progress=lambda m: status.update(m))
         overhead = loader_overhead_bench(n=10000, rounds=rounds, workdir=workdir)
     t = Table(title="host pipeline, 2 workers each, median of interleaved rounds")
     t.add_column("system")
@@ -62,7 +65,39 @@ def run_demo(workdir: Path, *, n: int, rounds: int, console: Console, progress: 
     console.print(t)
     if host["dali_note"]:
         console.print(f"note: {host['dali_note']}")
+    console.rule("5. storage nodes: 2-node local cluster, link capped at 25 MB/s per node, large photos")
+    nodes = node_demo(workdir, console=console, progress=progress)
     elapsed = time.perf_counter() - t0
     console.print(f"demo finished in {elapsed:.0f} s; results in {workdir / 'demo.json'}")
     return {"synth": summary, "ingest": report.__dict__, "epoch": st.as_dict(), "host_pipeline": host,
-            "loader_overhead": overhead, "seconds": elapsed}
+            "loader_overhead": overhead, "nodes": nodes, "seconds": elapsed}
+
+
+def node_demo(workdir: Path, *, console: Console, progress: Callable[[], Progress], n: int = 48,
+              cap: float = 25.0) -> dict:
+    """Host-side vs node-side split over a capped link: samples/s, AU and bytes per sample, plotted."""
+    src, store = workdir / "photos", workdir / "photo-store"
+    if src.exists():
+        shutil.rmtree(src)
+    with progress() as p:
+        task = p.add_task("synth large photos", total=n)
+        synth_folder(src, SynthSpec(n=n, seed=1, large=True), progress=lambda k: p.advance(task, k))
+    ingest(src, store, nodes=2, replicas=1, shard_size=16 << 20)
+    pipe = standard_train(224)
+    with console.status("emulated training: host-side then node-side split"):
+        runs = split_sweep(store, pipeline=pipe, caps=[cap], splits=["host", UINT8_SPLIT], samples=3 * n,
+                           step_time=0.05, workers_per_node=1, batch_size=16)
+    for r in runs:
+        r["source"] = "large"
+        r["bottleneck"] = classify(r, node_workers=2, host_workers=2)
+    t = Table(title=f"ResNet-style input, 1-4 MP JPEGs, link {cap:.0f} MB/s per node, batch 16, 50 ms emulated step")
+    for col in ("split", "samples/s", "AU", "bytes/sample", "link util.", "bottleneck"):
+        t.add_column(col, justify="right")
+    for r in runs:
+        t.add_row("host (raw JPEG over the link)" if r["split"] == "host" else "node (uint8 224x224 over the link)",
+                  f"{r['samples_per_s']:.1f}", f"{r['au']:.2f}", f"{r['bytes_per_sample'] / 1e3:.0f} KB",
+                  f"{(r['link_utilization'] or 0):.0%}", r["bottleneck"])
+    console.print(t)
+    png = plot_sweep(runs, workdir / "splits.png")
+    console.print(f"plot: {png}")
+    return {"runs": runs, "plot": str(png)}

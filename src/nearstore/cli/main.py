@@ -227,7 +227,7 @@ def bench(
 def demo(
     workdir: Path = typer.Option(Path("demo-out"), help="where to put the data and results"),
     n: int = typer.Option(640, help="images to synthesize"),
-    rounds: int = typer.Option(2, help="benchmark rounds"),
+    rounds: int = typer.Option(3, help="benchmark rounds"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Synthesize a dataset, ingest it on 2 nodes, load it, and benchmark the host pipeline."""

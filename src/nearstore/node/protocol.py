@@ -115,24 +115,31 @@ def response_schema(kind: str, dtype: str) -> pa.Schema:
 
 
 def encode_rows(schema: pa.Schema, rows: list[tuple[int, str, int, Any]]) -> pa.RecordBatch:
-    """Rows of (sample, key, label, output) -> a record batch; outputs are bytes or numpy arrays."""
-    datas, shapes, crcs = [], [], []
+    """Rows of (sample, key, label, output) -> a record batch; outputs are bytes or numpy arrays.
+
+    The data column is built from one joined buffer (a single copy of the outputs).
+    """
+    views, shapes, crcs = [], [], []
     for _, _, _, out in rows:
         if isinstance(out, np.ndarray):
-            buf = np.ascontiguousarray(out)
-            data = memoryview(buf).cast("B")
-            shapes.append(list(buf.shape))
+            arr = np.ascontiguousarray(out)
+            view = memoryview(arr.reshape(-1).view(np.uint8))
+            shapes.append(list(arr.shape))
         else:
-            data = out
+            view = memoryview(out)
             shapes.append([])
-        datas.append(data)
-        crcs.append(crc32c(data))
+        views.append(view)
+        crcs.append(crc32c(view))
+    offsets = np.zeros(len(views) + 1, np.int32)
+    np.cumsum([v.nbytes for v in views], out=offsets[1:])
+    data = pa.Array.from_buffers(
+        pa.binary(), len(views), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(views))])
     return pa.RecordBatch.from_arrays(
         [
             pa.array([r[0] for r in rows], pa.int64()),
             pa.array([r[1] for r in rows], pa.string()),
             pa.array([r[2] for r in rows], pa.int32()),
-            pa.array([bytes(d) if isinstance(d, memoryview) else d for d in datas], pa.binary()),
+            data,
             pa.array(shapes, pa.list_(pa.int32())),
             pa.array(crcs, pa.uint32()),
         ],

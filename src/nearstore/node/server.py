@@ -206,7 +206,7 @@ class NodeServer(flight.FlightServerBase):
                     with self.stats.lock:
                         self.stats.samples += len(rows)
                         self.stats.wire_bytes += size
-                        self.stats.payload_bytes += sum(len(c) for c in batch.column("data").to_pylist())
+                        self.stats.payload_bytes += batch.column("data").buffers()[2].size
                         self.stats.link_wait_seconds += waited
                     rows = []
                     if context.is_cancelled():

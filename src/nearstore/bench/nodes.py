@@ -1,0 +1,124 @@
+"""Node benchmarks: the split x link-cap x source sweep, and uncapped streaming of uint8 batches."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from nearstore.bench.accel import split_sweep
+from nearstore.loader.loader import Loader
+from nearstore.node.cluster import LocalCluster
+from nearstore.ops.pipeline import Pipeline, standard_train
+from nearstore.store.ingest import ingest
+from nearstore.store.synth import SynthSpec, synth_folder
+
+__all__ = ["sweep", "streaming_bench", "classify"]
+
+UINT8_SPLIT = 4  # decode+crop+resize, flip, to_uint8_chw on the node; normalize on the host
+
+
+def classify(row: dict, *, node_workers: int, host_workers: int) -> str:
+    """The measured bottleneck of a run: the busiest of link, node CPU and host CPU."""
+    wall = row["wall_seconds"] or 1.0
+    node = sum(row["node_stage_seconds"].values()) / (wall * node_workers)
+    host = sum(row["host_stage_seconds"].values()) / (wall * host_workers)
+    link = row["link_utilization"] or 0.0
+    row["node_busy"], row["host_busy"] = node, host
+    return max((link, "link"), (node, "node CPU"), (host, "host CPU"))[1]
+
+
+def sweep(workdir: Path, *, caps: list[float], default_images: int, large_images: int, samples: dict[str, int],
+          progress: Callable[[str], None] | None = None) -> dict:
+    """split in {host, node (uint8)} x cap x source in {default synth, large photos}, 2 nodes x 1 worker."""
+    pipe = standard_train(224)
+    result: dict = {"pipeline": "decode+RRC224+flip+to_uint8_chw (+normalize on host)", "nodes": 2,
+                    "workers_per_node": 1, "host_workers": 2, "runs": []}
+    for source, n, large in (("default", default_images, False), ("large", large_images, True)):
+        src, store = workdir / f"{source}-src", workdir / f"{source}-store"
+        if progress:
+            progress(f"synth {n} {source} images")
+        synth_folder(src, SynthSpec(n=n, seed=1, large=large))
+        ingest(src, store, nodes=2, replicas=1, shard_size=16 << 20)
+        rows = split_sweep(store, pipeline=pipe, caps=caps, splits=["host", UINT8_SPLIT], samples=samples[source],
+                           workers_per_node=1, progress=progress)
+        for r in rows:
+            r["source"] = source
+            r["bottleneck"] = classify(r, node_workers=2, host_workers=2)
+        result["runs"].extend(rows)
+    result["comparisons"] = _compare(result["runs"])
+    return result
+
+
+def _compare(runs: list[dict]) -> list[dict]:
+    out = []
+    for r in runs:
+        if r["split"] != "host":
+            continue
+        node = next(x for x in runs if x["source"] == r["source"] and x["cap_mb_per_s"] == r["cap_mb_per_s"]
+                    and x["split"] == UINT8_SPLIT)
+        bytes_ratio = r["bytes_per_sample"] / node["bytes_per_sample"]
+        speedup = node["samples_per_s"] / r["samples_per_s"]
+        goal_applies = r["source"] == "large" and r["cap_mb_per_s"] in (25, 100)
+        out.append({
+            "source": r["source"], "cap_mb_per_s": r["cap_mb_per_s"],
+            "host_samples_per_s": r["samples_per_s"], "node_samples_per_s": node["samples_per_s"],
+            "speedup": speedup, "bytes_ratio": bytes_ratio, "speedup_over_bytes_ratio": speedup / bytes_ratio,
+            "host_bottleneck": r["bottleneck"], "node_bottleneck": node["bottleneck"],
+            "host_link_utilization": r["link_utilization"], "node_link_utilization": node["link_utilization"],
+            "goal": None if not goal_applies else (
+                "met" if speedup >= 0.8 * bytes_ratio else
+                "node CPU bottleneck (shown)" if node["bottleneck"] == "node CPU" else "missed"),
+        })
+    return out
+
+
+def _npy_store(workdir: Path, n: int, shape: tuple[int, int, int]) -> Path:
+    src = workdir / "u8-src"
+    src.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with tarfile.open(src / "u8-000.tar", "w") as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            np.save(buf, rng.integers(0, 256, size=shape, dtype=np.uint8))
+            for ext, data in (("npy", buf.getvalue()), ("cls", b"0")):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    ingest(src, workdir / "u8-store", nodes=2, shard_size=32 << 20)
+    return workdir / "u8-store"
+
+
+def streaming_bench(workdir: Path, *, n: int = 512, epochs: int = 3, batch_size: int = 64) -> dict:
+    """Uncapped loopback streaming of preprocessed uint8 224x224x3 batches from 2 nodes: wire GB/s."""
+    store = _npy_store(workdir, n, (224, 224, 3))
+    pipe = Pipeline([{"op": "decode_npy", "shape": [224, 224, 3]}])  # stored already preprocessed
+    with LocalCluster(store, workers_per_node=1) as cluster, Loader(
+            cluster=cluster, pipeline=pipe, split="node", batch_size=batch_size, workers=2, prefetch=6) as loader:
+        next(iter(loader))
+        w0, t0, seen = loader.source.wire_bytes, time.perf_counter(), 0
+        for e in range(1, epochs + 1):
+            loader.set_epoch(e)
+            seen += sum(len(b) for b in loader)
+        dt = time.perf_counter() - t0
+        wire = loader.source.wire_bytes - w0
+    return {"samples": seen, "seconds": dt, "wire_bytes": wire, "gb_per_s": wire / dt / 1e9,
+            "goal": {"gb_per_s >= 1.0": wire / dt / 1e9 >= 1.0}}
+
+
+def run_all(*, quick: bool, progress: Callable[[str], None] | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if quick:
+            res = sweep(work, caps=[25.0], default_images=64, large_images=8,
+                        samples={"default": 64, "large": 16}, progress=progress)
+        else:
+            res = sweep(work, caps=[25.0, 100.0, 400.0], default_images=400, large_images=64,
+                        samples={"default": 384, "large": 192}, progress=progress)
+        res["streaming"] = streaming_bench(work, n=128 if quick else 512, epochs=1 if quick else 3)
+    return res
