@@ -41,6 +41,7 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
         compute = stall = 0.0
         t_first = t_prev = None
         wire0 = 0
+        node0: dict[int, int] = {}
         epoch = 0
         while seen < samples:
             loader.set_epoch(epoch)
@@ -49,6 +50,7 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
                 if t_first is None:
                     t_first = now  # the first step's wait (start-up) is excluded
                     wire0 = source.wire_bytes
+                    node0 = dict(source.wire_by_node)
                 else:
                     stall += now - t_prev
                     seen += len(batch)
@@ -62,6 +64,7 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
             epoch += 1
         wall = t_prev - t_first
         wire = source.wire_bytes - wire0
+        node_wire = [source.wire_by_node[ep.node] - node0[ep.node] for ep in spec.nodes]
         host_ops = dict(loader.stats.op_seconds)
         prefix = source.prefix
     after = _node_stats(spec)
@@ -70,8 +73,9 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
         for k, v in a["op_seconds"].items():
             node_ops[k] = node_ops.get(k, 0.0) + v - b["op_seconds"].get(k, 0.0)
         node_ops["read"] = node_ops.get("read", 0.0) + a["read_seconds"] - b["read_seconds"]
-    cap = spec.link_mbps * 1e6 * len(spec.nodes) if spec.link_mbps else None
+    cap = spec.link_mbps * 1e6 if spec.link_mbps else None  # per node: each node has its own link
     bytes_per_s = wire / wall if wall else 0.0
+    per_node = [w / wall / cap for w in node_wire] if cap and wall else None
     return {
         "split": split,
         "prefix_ops": prefix,
@@ -84,8 +88,10 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
         "wire_bytes": wire,
         "bytes_per_sample": wire / seen if seen else 0.0,
         "link_bytes_per_s": bytes_per_s,
-        "link_cap_bytes_per_s": cap,
-        "link_utilization": bytes_per_s / cap if cap else None,
+        "link_cap_bytes_per_s_per_node": cap,
+        # the busiest node's link is the one that can bottleneck
+        "link_utilization": max(per_node) if per_node else None,
+        "link_utilization_per_node": per_node,
         "node_stage_seconds": node_ops,
         "host_stage_seconds": host_ops,
     }

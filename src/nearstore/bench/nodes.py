@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from nearstore.bench.accel import split_sweep
+from nearstore.bench.host import write_npy_tar
 from nearstore.loader.loader import Loader
 from nearstore.node.cluster import LocalCluster
 from nearstore.ops.pipeline import Pipeline, standard_train
@@ -46,7 +43,7 @@ def sweep(workdir: Path, *, caps: list[float], default_images: int, large_images
         synth_folder(src, SynthSpec(n=n, seed=1, large=large))
         ingest(src, store, nodes=2, replicas=1, shard_size=16 << 20)
         rows = split_sweep(store, pipeline=pipe, caps=caps, splits=["host", UINT8_SPLIT], samples=samples[source],
-                           workers_per_node=1, progress=progress)
+                           workers_per_node=1, batch_size=16 if large else 64, progress=progress)
         for r in rows:
             r["source"] = source
             r["bottleneck"] = classify(r, node_workers=2, host_workers=2)
@@ -81,15 +78,7 @@ def _compare(runs: list[dict]) -> list[dict]:
 def _npy_store(workdir: Path, n: int, shape: tuple[int, int, int]) -> Path:
     src = workdir / "u8-src"
     src.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    with tarfile.open(src / "u8-000.tar", "w") as tar:
-        for i in range(n):
-            buf = io.BytesIO()
-            np.save(buf, rng.integers(0, 256, size=shape, dtype=np.uint8))
-            for ext, data in (("npy", buf.getvalue()), ("cls", b"0")):
-                info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_npy_tar(src / "u8-000.tar", n=n, shape=shape, classes=1)
     ingest(src, workdir / "u8-store", nodes=2, shard_size=32 << 20)
     return workdir / "u8-store"
 
@@ -119,6 +108,6 @@ def run_all(*, quick: bool, progress: Callable[[str], None] | None = None) -> di
                         samples={"default": 64, "large": 16}, progress=progress)
         else:
             res = sweep(work, caps=[25.0, 100.0, 400.0], default_images=400, large_images=64,
-                        samples={"default": 384, "large": 192}, progress=progress)
+                        samples={"default": 768, "large": 256}, progress=progress)
         res["streaming"] = streaming_bench(work, n=128 if quick else 512, epochs=1 if quick else 3)
     return res

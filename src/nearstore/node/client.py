@@ -105,6 +105,7 @@ class ClusterSource:
         self._lock = threading.Lock()
         self.wire_bytes = 0
         self.payload_bytes = 0
+        self.wire_by_node: dict[int, int] = {n: 0 for n in self.clients}
 
     def _node_for(self, shard: int) -> int:
         for n in self.manifest.shards[shard].nodes:
@@ -140,6 +141,7 @@ class ClusterSource:
         rows = [r for b in batches for r in decode_rows(b)]
         with self._lock:
             self.wire_bytes += nbytes
+            self.wire_by_node[node] += nbytes
             self.payload_bytes += sum(r[4] for r in rows)
         if [r[0] for r in rows] != samples:
             raise NodeRequestError(f"node {node} answered {len(rows)} samples out of order or incomplete")

@@ -1,0 +1,64 @@
+"""Render bench/results/*.json as the markdown tables in docs/benchmarks.md: `python bench/report.py`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def host_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    h, o = d["host_pipeline"], d["loader_overhead"]
+    lines = [f"`{path.name}` ({d['images']} synthetic JPEGs, {len(h['rounds'])} interleaved rounds of "
+             f"{h['images_per_round']} images per system, {h['workers']} workers each)", "",
+             "| round | nearstore | PyTorch DataLoader+Pillow | DALI CPU | vs PyTorch | vs DALI |",
+             "|---|---|---|---|---|---|"]
+    for i, r in enumerate(h["rounds"], 1):
+        dali, ns = r.get("dali_cpu"), r["nearstore"]
+        lines.append(f"| {i} | {r['nearstore']:.0f} | {r['torch_dataloader_pillow']:.0f} | "
+                     f"{dali and f'{dali:.0f}' or '-'} | {r['nearstore'] / r['torch_dataloader_pillow']:.2f}x | "
+                     f"{dali and f'{ns / dali:.2f}x' or '-'} |")
+    m, q = h["median_images_per_s"], h["median_ratio"]
+    lines.append(f"| **median** | **{m['nearstore']:.0f}** | **{m['torch_dataloader_pillow']:.0f}** | "
+                 f"**{m.get('dali_cpu', 0):.0f}** | **{q['vs_torch']:.2f}x** | **{q.get('vs_dali', 0):.2f}x** |")
+    lines += ["", f"Loader overhead (decoded 32x32x3 samples, reshape-only ops, batch {o['batch_size']}): rounds "
+              + ", ".join(f"{x:,.0f}" for x in o["rounds_samples_per_s"])
+              + f" samples/s, median **{o['median_samples_per_s']:,.0f}**."]
+    return "\n".join(lines)
+
+
+def nodes_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    lines = ["| source | cap MB/s/node | host-side samples/s (bottleneck) | node-side samples/s (bottleneck) | "
+             "speedup | bytes ratio | speedup / bytes ratio | host link util. | node link util. | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in d["comparisons"]:
+        lines.append(
+            f"| {c['source']} | {c['cap_mb_per_s']:.0f} | {c['host_samples_per_s']:.1f} ({c['host_bottleneck']}) | "
+            f"{c['node_samples_per_s']:.1f} ({c['node_bottleneck']}) | {c['speedup']:.2f}x | {c['bytes_ratio']:.2f}x | "
+            f"{c['speedup_over_bytes_ratio']:.2f} | {c['host_link_utilization']:.0%} | "
+            f"{c['node_link_utilization']:.0%} | {c['goal'] or 'n/a'} |")
+    lines += ["", "| source | cap | split | samples/s | AU | bytes/sample | node busy | host busy | node stage s | "
+              "host stage s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        node = ", ".join(f"{k} {v:.1f}" for k, v in r["node_stage_seconds"].items() if v > 0.05)
+        host = ", ".join(f"{k} {v:.1f}" for k, v in r["host_stage_seconds"].items() if v > 0.05)
+        lines.append(f"| {r['source']} | {r['cap_mb_per_s']:.0f} | {r['split']} | {r['samples_per_s']:.1f} | "
+                     f"{r['au']:.2f} | {r['bytes_per_sample'] / 1e3:.0f} KB | {r['node_busy']:.0%} | "
+                     f"{r['host_busy']:.0%} | {node or '-'} | {host or '-'} |")
+    s = d["streaming"]
+    lines += ["", f"Uncapped loopback streaming of preprocessed uint8 224x224x3 samples from 2 nodes: "
+              f"**{s['gb_per_s']:.2f} GB/s** ({s['samples']} samples, {s['wire_bytes'] / 1e6:.0f} MB in "
+              f"{s['seconds']:.2f} s)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    for f in sorted(RESULTS.glob("host*.json")) if which in ("all", "host") else []:
+        print(host_table(f), "\n")
+    for f in sorted(RESULTS.glob("nodes.json")) if which in ("all", "nodes") else []:
+        print(nodes_table(f), "\n")
