@@ -145,7 +145,7 @@ def _corrupt_jpeg(store, sample: int) -> tuple[str, str]:
     st = Store(store)
     s, i = st.locate(sample)
     entry = st.manifest.shards[s]
-    data = st.read(sample)[0]
+    data = bytes(st.read(sample)[0])
     st.close()
     node = store / node_dir_name(entry.nodes[0])
     idx_path = node / f"{entry.name}.idx.arrow"

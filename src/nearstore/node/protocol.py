@@ -132,8 +132,11 @@ def encode_rows(schema: pa.Schema, rows: list[tuple[int, str, int, Any]]) -> pa.
         crcs.append(crc32c(view))
     offsets = np.zeros(len(views) + 1, np.int32)
     np.cumsum([v.nbytes for v in views], out=offsets[1:])
-    data = pa.Array.from_buffers(
-        pa.binary(), len(views), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(views))])
+    joined = pa.allocate_buffer(int(offsets[-1]))  # Arrow's pool reuses memory: no fresh pages per batch
+    dst = np.frombuffer(joined, np.uint8)
+    for v, a, b in zip(views, offsets[:-1], offsets[1:]):
+        dst[a:b] = np.frombuffer(v, np.uint8)
+    data = pa.Array.from_buffers(pa.binary(), len(views), [None, pa.py_buffer(offsets), joined])
     return pa.RecordBatch.from_arrays(
         [
             pa.array([r[0] for r in rows], pa.int64()),

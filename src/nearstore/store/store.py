@@ -100,7 +100,7 @@ class Store:
         r = self.reader(s)
         return SampleRef(self.manifest.shards[s].name, i, r.index.keys[i], int(r.index.label[i]))
 
-    def read(self, sample: int) -> tuple[bytes, SampleRef]:
+    def read(self, sample: int) -> tuple[memoryview, SampleRef]:
         s, i = self.locate(sample)
         r = self.reader(s)
         ref = SampleRef(self.manifest.shards[s].name, i, r.index.keys[i], int(r.index.label[i]))
