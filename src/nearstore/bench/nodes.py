@@ -88,7 +88,7 @@ def streaming_bench(workdir: Path, *, n: int = 512, epochs: int = 3, batch_size:
     store = _npy_store(workdir, n, (224, 224, 3))
     pipe = Pipeline([{"op": "decode_npy", "shape": [224, 224, 3]}])  # stored already preprocessed
     with LocalCluster(store, workers_per_node=1) as cluster, Loader(
-            cluster=cluster, pipeline=pipe, split="node", batch_size=batch_size, workers=2, prefetch=6) as loader:
+            cluster=cluster, pipeline=pipe, split="node", batch_size=batch_size, workers=2, prefetch=12) as loader:
         next(iter(loader))
         w0, t0, seen = loader.source.wire_bytes, time.perf_counter(), 0
         for e in range(1, epochs + 1):

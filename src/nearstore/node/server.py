@@ -39,10 +39,18 @@ MAX_PROFILE_SAMPLES = 256
 
 
 class LinkCap:
-    """Paces bytes leaving the node to ``bytes_per_s`` across all of its streams (None: no cap)."""
+    """Paces bytes leaving the node to ``bytes_per_s`` across all of its streams (None: no cap).
 
-    def __init__(self, bytes_per_s: float | None) -> None:
+    A virtual clock advances by n / rate per send; a send waits until the
+    clock catches up. The clock may lag real time by at most ``burst_s``, so
+    time lost outside the node (gRPC, a slow reader) is made up within that
+    window instead of being lost: the long-run rate is the cap, and it never
+    exceeds the cap by more than ``burst_s`` worth of bytes.
+    """
+
+    def __init__(self, bytes_per_s: float | None, *, burst_s: float = 0.05) -> None:
         self.rate = bytes_per_s
+        self.burst_s = burst_s
         self._next_free = time.monotonic()
         self._lock = threading.Lock()
 
@@ -52,7 +60,7 @@ class LinkCap:
             return 0.0
         with self._lock:
             now = time.monotonic()
-            start = max(now, self._next_free)
+            start = max(now - self.burst_s, self._next_free)
             self._next_free = start + nbytes / self.rate
             wait = self._next_free - now
         if wait > 0:
