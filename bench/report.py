@@ -41,13 +41,13 @@ def nodes_table(path: Path) -> str:
             f"{c['node_samples_per_s']:.1f} ({c['node_bottleneck']}) | {c['speedup']:.2f}x | {c['bytes_ratio']:.2f}x | "
             f"{c['speedup_over_bytes_ratio']:.2f} | {c['host_link_utilization']:.0%} | "
             f"{c['node_link_utilization']:.0%} | {c['goal'] or 'n/a'} |")
-    lines += ["", "| source | cap | split | samples/s | AU | bytes/sample | node busy | host busy | node stage s | "
-              "host stage s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| source | cap | split | samples/s | bytes/sample | node busy | host busy | node stage s | "
+              "host stage s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in d["runs"]:
         node = ", ".join(f"{k} {v:.1f}" for k, v in r["node_stage_seconds"].items() if v > 0.05)
         host = ", ".join(f"{k} {v:.1f}" for k, v in r["host_stage_seconds"].items() if v > 0.05)
         lines.append(f"| {r['source']} | {r['cap_mb_per_s']:.0f} | {r['split']} | {r['samples_per_s']:.1f} | "
-                     f"{r['au']:.2f} | {r['bytes_per_sample'] / 1e3:.0f} KB | {r['node_busy']:.0%} | "
+                     f"{r['bytes_per_sample'] / 1e3:.0f} KB | {r['node_busy']:.0%} | "
                      f"{r['host_busy']:.0%} | {node or '-'} | {host or '-'} |")
     s = d["streaming"]
     lines += ["", f"Uncapped loopback streaming of preprocessed uint8 224x224x3 samples from 2 nodes: "

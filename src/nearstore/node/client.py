@@ -21,10 +21,12 @@ from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError
 from nearstore.loader.sources import Fetched
 from nearstore.node.cluster import ClusterSpec
 from nearstore.node.protocol import Ticket, decode_rows, wire_bytes
-from nearstore.ops.pipeline import Pipeline
+from nearstore.ops.pipeline import Pipeline, input_spec_of
 from nearstore.store.manifest import Manifest
 
-__all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSource"]
+__all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSource", "MESSAGE_BYTES"]
+
+MESSAGE_BYTES = 2 << 20
 
 
 class NodeUnavailableError(NearstoreError, ConnectionError):
@@ -99,6 +101,9 @@ class ClusterSource:
             raise ConfigError("the cluster has no nodes")
         first = next(iter(self.clients.values()))
         self.manifest = first.manifest()
+        # record batches of about MESSAGE_BYTES keep a capped link evenly busy
+        per_sample = pipeline.declare(input_spec_of(self.manifest))[self.prefix].bytes or 1.0
+        self._rows_per_message = max(1, int(MESSAGE_BYTES // per_sample))
         self._firsts = np.array([s.first for s in self.manifest.shards], np.int64)
         self._io = ThreadPoolExecutor(max(1, streams_per_node * len(self.clients)),
                                       thread_name_prefix="nearstore-fetch")
@@ -136,7 +141,7 @@ class ClusterSource:
 
     def _get(self, node: int, samples: list[int], epoch: int, seed: int) -> list:
         t = Ticket(dataset=self.manifest.name, samples=samples, ops=self._ops, seed=seed, epoch=epoch,
-                   batch_size=len(samples))
+                   batch_size=min(len(samples), self._rows_per_message))
         batches, nbytes = self.clients[node].get(t)
         rows = [r for b in batches for r in decode_rows(b)]
         with self._lock:
