@@ -199,3 +199,33 @@ def test_variable_shape_batches_are_lists(store):
     with loader(store, pipeline=["decode_jpeg", {"op": "resize", "size": 48}], batch_size=5) as ld:
         b = next(iter(ld))
     assert isinstance(b.data, list) and len(b.data) == 5 and min(b.data[0].shape[:2]) == 48
+
+
+def test_epochs_back_to_back_equal_separate_epochs(store):
+    with loader(store) as a:
+        want = digest(a) + digest(a) + digest(a)
+    with loader(store) as b:
+        got = list(b.epochs(3))
+        assert b.epoch == 3
+    assert digest(got) == want
+
+
+def test_resume_across_an_epoch_boundary(store):
+    with loader(store) as ref:
+        want = digest(ref.epochs(2))
+    with loader(store) as a:
+        it = a.epochs(None)
+        head = [next(it) for _ in range(8)]  # 6 batches per epoch: stops inside epoch 1
+        state = a.state_dict()
+        it.close()
+    assert state["epoch"] == 1 and state["batches_done"] == 2
+    with loader(store) as b:
+        b.load_state_dict(state)
+        tail = list(b.epochs(1))
+    assert digest(head) + digest(tail) == want
+
+
+def test_empty_rank_share_is_an_error(store):
+    with loader(store, world_size=64, rank=63, remainder="drop", drop_last=True) as ld:
+        with pytest.raises(ConfigError, match="gets no batch"):
+            next(iter(ld))

@@ -42,26 +42,22 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
         t_first = t_prev = None
         wire0 = 0
         node0: dict[int, int] = {}
-        epoch = 0
-        while seen < samples:
-            loader.set_epoch(epoch)
-            for batch in loader:
-                now = time.perf_counter()
-                if t_first is None:
-                    t_first = now  # the first step's wait (start-up) is excluded
-                    wire0 = source.wire_bytes
-                    node0 = dict(source.wire_by_node)
-                else:
-                    stall += now - t_prev
-                    seen += len(batch)
-                    steps += 1
-                    compute += step_time
-                if step_time:
-                    time.sleep(step_time)
-                t_prev = time.perf_counter()
-                if seen >= samples:
-                    break
-            epoch += 1
+        for batch in loader.epochs(None):
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now  # the first step's wait (start-up) is excluded
+                wire0 = source.wire_bytes
+                node0 = dict(source.wire_by_node)
+            else:
+                stall += now - t_prev
+                seen += len(batch)
+                steps += 1
+                compute += step_time
+            if step_time:
+                time.sleep(step_time)
+            t_prev = time.perf_counter()
+            if seen >= samples:
+                break
         wall = t_prev - t_first
         wire = source.wire_bytes - wire0
         node_wire = [source.wire_by_node[ep.node] - node0[ep.node] for ep in spec.nodes]

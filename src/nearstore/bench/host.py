@@ -33,12 +33,11 @@ def nearstore_throughput(store: str | Path, *, n: int, pipeline: Pipeline | None
 
     def sizes(loader: Loader) -> Iterator[int]:
         served = 0
-        while served < total:
-            for batch in loader:
-                served += len(batch)
-                yield len(batch)
-                if served >= total:
-                    return
+        for batch in loader.epochs(None):
+            served += len(batch)
+            yield len(batch)
+            if served >= total:
+                return
 
     with Loader(store, pipeline=pipeline, batch_size=batch_size, workers=workers, seed=seed) as loader:
         res = timed_batches(sizes(loader), warmup_batches)

@@ -89,11 +89,10 @@ def streaming_bench(workdir: Path, *, n: int = 512, epochs: int = 3, batch_size:
     pipe = Pipeline([{"op": "decode_npy", "shape": [224, 224, 3]}])  # stored already preprocessed
     with LocalCluster(store, workers_per_node=1) as cluster, Loader(
             cluster=cluster, pipeline=pipe, split="node", batch_size=batch_size, workers=2, prefetch=12) as loader:
-        next(iter(loader))
-        w0, t0, seen = loader.source.wire_bytes, time.perf_counter(), 0
-        for e in range(1, epochs + 1):
-            loader.set_epoch(e)
-            seen += sum(len(b) for b in loader)
+        batches = loader.epochs(epochs + 1)
+        next(batches)
+        w0, t0 = loader.source.wire_bytes, time.perf_counter()
+        seen = sum(len(b) for b in batches)
         dt = time.perf_counter() - t0
         wire = loader.source.wire_bytes - w0
     return {"samples": seen, "seconds": dt, "wire_bytes": wire, "gb_per_s": wire / dt / 1e9,

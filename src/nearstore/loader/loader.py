@@ -211,27 +211,56 @@ class Loader:
 
     # -- iteration -------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
-        epoch, start = self.epoch, self._batches_done
-        share = self.share(epoch)
-        total = num_batches(len(share), self.batch_size, drop_last=self.drop_last)
+        """The rest of the current epoch; afterwards the loader stands at the next epoch's start."""
+        return self.epochs(1)
+
+    def epochs(self, count: int | None = None) -> Iterator[Batch]:
+        """``count`` epochs (None: without end) back to back, prefetching across epoch boundaries.
+
+        A training loop that iterates epoch after epoch never sees the pipeline
+        drain at a boundary. ``state_dict()`` stays exact: it is updated as each
+        batch is handed out.
+        """
+        if count is not None and count < 1:
+            raise ConfigError(f"count must be >= 1 or None (got {count})")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nearstore-host", initializer=worker_init)
             self._io = ThreadPoolExecutor(self.prefetch, thread_name_prefix="nearstore-io")
-        pending: deque[Future] = deque()
-        nxt = start
+        first, start = self.epoch, self._batches_done
+        last = None if count is None else first + count - 1
+
+        def positions() -> Iterator[tuple[int, int, np.ndarray, int]]:
+            e, i = first, start
+            while last is None or e <= last:
+                share = self.share(e)
+                total = num_batches(len(share), self.batch_size, drop_last=self.drop_last)
+                if total == 0:
+                    raise ConfigError(f"rank {self.rank} gets no batch in epoch {e} ({len(share)} samples, "
+                                      f"batch_size {self.batch_size}, drop_last {self.drop_last})")
+                for j in range(i, total):
+                    yield e, j, share, total
+                e, i = e + 1, 0
+
+        todo = positions()
+        pending: deque[tuple[Future, int]] = deque()
         t_start = time.perf_counter()
         try:
-            while nxt < total and len(pending) < self.prefetch:
-                pending.append(self._submit(epoch, nxt, share))
-                nxt += 1
+            for e, j, share, total in todo:
+                pending.append((self._submit(e, j, share), total))
+                if len(pending) >= self.prefetch:
+                    break
             while pending:
+                fut, total = pending.popleft()
                 t0 = time.perf_counter()
-                batch = pending.popleft().result()
+                batch = fut.result()
                 waited = time.perf_counter() - t0
-                if nxt < total:
-                    pending.append(self._submit(epoch, nxt, share))
-                    nxt += 1
-                self._batches_done = batch.index + 1
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((self._submit(nxt[0], nxt[1], nxt[2]), nxt[3]))
+                if batch.index + 1 < total:
+                    self.epoch, self._batches_done = batch.epoch, batch.index + 1
+                else:
+                    self.epoch, self._batches_done = batch.epoch + 1, 0
                 with self._stats_lock:
                     self.stats.wait_seconds += waited
                     self.stats.batches += 1
@@ -239,9 +268,8 @@ class Loader:
                 t_start = time.perf_counter()
                 yield batch
         finally:
-            for f in pending:
-                f.cancel()
-        self.epoch, self._batches_done = epoch + 1, 0
+            for fut, _ in pending:
+                fut.cancel()
 
     def _submit(self, epoch: int, index: int, share: np.ndarray) -> Future:
         """Fetch on the I/O pool (up to ``prefetch`` batches ahead), then compute on the worker pool."""
