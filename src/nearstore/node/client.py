@@ -12,7 +12,7 @@ import json
 import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow.flight as flight
@@ -74,14 +74,22 @@ class NodeClient:
     def manifest(self) -> Manifest:
         return Manifest.model_validate(self.action("manifest"))
 
-    def get(self, ticket: Ticket) -> tuple[list, int]:
-        """All record batches of a DoGet and the wire bytes they took."""
+    def get(self, ticket: Ticket, on_message: Callable[[int], None] | None = None) -> tuple[list, int]:
+        """All record batches of a DoGet and the wire bytes they took.
+
+        ``on_message(nbytes)`` is called as each record batch arrives (for rate accounting).
+        """
+        batches, total = [], 0
         try:
-            reader = self._client.do_get(flight.Ticket(ticket.encode()), self._opts)
-            batches = [chunk.data for chunk in reader]
+            for chunk in self._client.do_get(flight.Ticket(ticket.encode()), self._opts):
+                n = wire_bytes(chunk.data)
+                batches.append(chunk.data)
+                total += n
+                if on_message is not None:
+                    on_message(n)
         except (flight.FlightError, OSError) as exc:
             raise self._fail(exc) from None
-        return batches, sum(wire_bytes(b) for b in batches)
+        return batches, total
 
     def close(self) -> None:
         self._client.close()
@@ -142,15 +150,18 @@ class ClusterSource:
     def _get(self, node: int, samples: list[int], epoch: int, seed: int) -> list:
         t = Ticket(dataset=self.manifest.name, samples=samples, ops=self._ops, seed=seed, epoch=epoch,
                    batch_size=min(len(samples), self._rows_per_message))
-        batches, nbytes = self.clients[node].get(t)
+        batches, _ = self.clients[node].get(t, on_message=lambda n: self._count(node, n))
         rows = [r for b in batches for r in decode_rows(b)]
         with self._lock:
-            self.wire_bytes += nbytes
-            self.wire_by_node[node] += nbytes
             self.payload_bytes += sum(r[4] for r in rows)
         if [r[0] for r in rows] != samples:
             raise NodeRequestError(f"node {node} answered {len(rows)} samples out of order or incomplete")
         return rows
+
+    def _count(self, node: int, nbytes: int) -> None:
+        with self._lock:
+            self.wire_bytes += nbytes
+            self.wire_by_node[node] += nbytes
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)
