@@ -228,3 +228,24 @@ def test_token_required_when_set(store):
         assert NodeClient(ep.uri, node=0, token="s3cret").health()["ok"]
         with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=16) as ld:
             assert np.concatenate([b.ids for b in ld]).size == 48
+
+
+def test_bench_cluster_with_emulated_accelerator(store, tmp_path):
+    from nearstore.bench.accel import step_time_for
+
+    assert step_time_for("h100", "resnet50", 400) == pytest.approx(0.224)
+    assert step_time_for("A100", "ResNet50", 200) == pytest.approx(0.2175)
+    with pytest.raises(ValueError, match="unknown accelerator 'tpu9'; known: a100, h100"):
+        step_time_for("tpu9", "resnet50", 4)
+    with LocalCluster(store, link_mbps=50) as c:
+        c.spec.save(tmp_path / "cluster.json")
+        r = subprocess.run([sys.executable, "-m", "nearstore.cli.main", "bench", "--cluster",
+                            str(tmp_path / "cluster.json"), "--split", "node", "--accel", "h100", "--batch-size", "8",
+                            "--samples", "24", "--json", str(tmp_path / "acc.json")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "acc.json").read_text())
+    assert res["step_time"] == pytest.approx(0.224 * 8 / 400)
+    assert res["samples"] >= 24 and 0 < res["au"] <= 1
+    assert res["bytes_per_sample"] > 0 and res["link_utilization"] is not None
+    assert res["accelerator"] == {"name": "h100", "model": "resnet50"}

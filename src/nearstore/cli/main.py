@@ -174,7 +174,10 @@ def bench(
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="cluster file (or store dir) for the "
                                            "emulated-accelerator benchmark"),
     split: str = typer.Option("host", help="with --cluster: 'host', 'node' or an op index"),
-    step_time: float = typer.Option(0.0, help="with --cluster: seconds of emulated compute per batch"),
+    step_time: Optional[float] = typer.Option(None, help="with --cluster: seconds of emulated compute per batch"),
+    accel: Optional[str] = typer.Option(None, help="with --cluster: emulate this accelerator (h100, a100) ..."),
+    model: str = typer.Option("resnet50", help="... running this model (step time from MLPerf Storage)"),
+    batch_size: int = typer.Option(64, help="with --cluster: batch size"),
     samples: int = typer.Option(512, help="with --cluster: samples to time"),
     normalize: bool = typer.Option(True, help="with --cluster: end the pipeline with normalize"),
     n: int = typer.Option(1280, help="images per system per round"),
@@ -188,14 +191,20 @@ def bench(
     from nearstore.bench.host import host_pipeline_bench, loader_overhead_bench
 
     if cluster is not None:
-        from nearstore.bench.accel import emulated_training
+        from nearstore.bench.accel import emulated_training, step_time_for
         from nearstore.node.cluster import ClusterSpec
         from nearstore.ops.pipeline import standard_train
 
+        if (step_time is None) == (accel is None):
+            raise typer.BadParameter("give exactly one of --step-time S or --accel NAME [--model M]")
+        step = step_time if step_time is not None else step_time_for(accel, model, batch_size)
         spec = ClusterSpec.load(cluster)
         res = emulated_training(spec, pipeline=standard_train(normalize=normalize),
-                                split=int(split) if split.isdigit() else split, step_time=step_time, samples=samples)
-        t = Table(title=f"emulated training, split {split}, step {step_time} s")
+                                split=int(split) if split.isdigit() else split, step_time=step, samples=samples,
+                                batch_size=batch_size)
+        res["accelerator"] = {"name": accel, "model": model} if accel else None
+        t = Table(title=f"emulated training, split {split}, step {step:.4f} s"
+                        + (f" ({accel} {model})" if accel else ""))
         t.add_column("metric")
         t.add_column("value", justify="right")
         for k in ("samples_per_s", "au", "stall_seconds", "bytes_per_sample", "link_utilization"):
