@@ -185,41 +185,40 @@ class NodeServer(flight.FlightServerBase):
         return flight.GeneratorStream(schema, self._stream(schema, pipe, t.seed, t.epoch, ids, t.batch_size,
                                                            context))
 
+    def _message(self, schema: pa.Schema, pipe: Pipeline, ids: list[int], seed: int, epoch: int) -> pa.RecordBatch:
+        """Read, verify, transform and encode the samples of one record batch (runs on a worker thread)."""
+        return encode_rows(schema, [self._process(pipe, sid, seed, epoch)[:4] for sid in ids])
+
     def _stream(self, schema: pa.Schema, pipe: Pipeline, seed: int, epoch: int, ids: list[int], batch_size: int,
                 context) -> Iterator[pa.RecordBatch]:  # noqa: ANN001
-        window = max(2 * batch_size, 2 * self.workers)
+        """Record batches of ``batch_size`` rows, built on the workers a few ahead, sent in order."""
+        chunks = iter([ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
         pending: deque[Future] = deque()
-        it = iter(ids)
-        rows: list = []
         try:
-            for sid in it:
-                pending.append(self._pool.submit(self._process, pipe, sid, seed, epoch))
-                if len(pending) >= window:
+            for chunk in chunks:
+                pending.append(self._pool.submit(self._message, schema, pipe, chunk, seed, epoch))
+                if len(pending) >= 2 * self.workers:
                     break
             while pending:
                 try:
-                    sample, key, label, out, _ = pending.popleft().result()
+                    batch = pending.popleft().result()
                 except NearstoreError as exc:
                     with self.stats.lock:
                         self.stats.errors += 1
                     raise flight.FlightServerError(f"node {self.node_id}: {exc}") from None
-                nxt = next(it, None)
+                nxt = next(chunks, None)
                 if nxt is not None:
-                    pending.append(self._pool.submit(self._process, pipe, nxt, seed, epoch))
-                rows.append((sample, key, label, out))
-                if len(rows) == batch_size or not pending:
-                    batch = encode_rows(schema, rows)
-                    size = wire_bytes(batch)
-                    waited = self.link.send(size)
-                    with self.stats.lock:
-                        self.stats.samples += len(rows)
-                        self.stats.wire_bytes += size
-                        self.stats.payload_bytes += batch.column("data").buffers()[2].size
-                        self.stats.link_wait_seconds += waited
-                    rows = []
-                    if context.is_cancelled():
-                        return
-                    yield batch
+                    pending.append(self._pool.submit(self._message, schema, pipe, nxt, seed, epoch))
+                size = wire_bytes(batch)
+                waited = self.link.send(size)
+                with self.stats.lock:
+                    self.stats.samples += batch.num_rows
+                    self.stats.wire_bytes += size
+                    self.stats.payload_bytes += batch.column("data").buffers()[2].size
+                    self.stats.link_wait_seconds += waited
+                if context.is_cancelled():
+                    return
+                yield batch
         finally:
             for f in pending:
                 f.cancel()
