@@ -246,6 +246,43 @@ def demo(
     write_json(json_path or workdir / "demo.json", result)
 
 
+@app.command()
+def design(
+    validate_: bool = typer.Option(False, "--validate", help="check the model against published figures; "
+                                   "exit 1 if any check fails"),
+    catalog: list[Path] = typer.Option([], "--catalog", help="extra catalog YAML files (override by name)"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Storage designs from a hardware catalog (so far: the seed's three 2U designs and --validate)."""
+    from nearstore.design import SEED_DESIGNS, load_catalog, storage_compute_bandwidth, validate
+
+    cat = load_catalog(*catalog)
+    if validate_:
+        checks = validate(cat)
+        t = Table(title="model vs published figures")
+        for col in ("check", "published", "computed", "error", "ok", "from"):
+            t.add_column(col)
+        for c in checks:
+            t.add_row(c.name, f"{c.expected:g}", f"{c.computed:.2f}", f"{c.error:.1%}",
+                      "[green]yes[/green]" if c.ok else "[red]NO[/red]", c.detail)
+        Console().print(t)
+        write_json(json_path, {"checks": [dict(c.__dict__, ok=c.ok, error=c.error) for c in checks]})
+        if not all(c.ok for c in checks):
+            raise typer.Exit(1)
+        return
+    t = Table(title="storage <-> compute bandwidth per 2U (from catalog specs)")
+    for col in ("design", "GB/s", "limited by", "what"):
+        t.add_column(col)
+    rows = []
+    for name, make in SEED_DESIGNS.items():
+        d = make(cat)
+        bw, limit = storage_compute_bandwidth(d)
+        rows.append({"design": name, "gb_per_s": bw / 1e9, "limited_by": limit, "description": d.description})
+        t.add_row(name, f"{bw / 1e9:.1f}", limit, d.description)
+    Console().print(t)
+    write_json(json_path, {"designs": rows})
+
+
 def main() -> None:
     try:
         app()

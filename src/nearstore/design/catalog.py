@@ -1,0 +1,124 @@
+"""The hardware catalog: validated component specs, each with its source.
+
+Loaded from YAML (the packaged ``data/catalog.yaml`` plus any user files).
+Every problem is a ``CatalogError`` naming the file, the component and the
+field, with what was expected.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nearstore.core.errors import ConfigError
+
+__all__ = ["CatalogError", "NvmeSsd", "Nic", "MemoryChannel", "Chassis", "Catalog", "load_catalog"]
+
+
+class CatalogError(ConfigError):
+    """A catalog file has an unknown kind, a missing field or a value of the wrong unit or range."""
+
+
+class _Component(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1)
+    source: str = Field(min_length=3, description="where the figures come from")
+
+
+class NvmeSsd(_Component):
+    read_gb_per_s: float = Field(gt=0, le=100)
+    watts: float = Field(gt=0)
+    capacity_tb: float = Field(gt=0)
+    price_usd: float = Field(ge=0)
+
+
+class Nic(_Component):
+    gbit_per_s: float = Field(gt=0, le=3200)
+    watts: float = Field(gt=0)
+    price_usd: float = Field(ge=0)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.gbit_per_s / 8
+
+
+class MemoryChannel(_Component):
+    mega_transfers_per_s: float = Field(gt=0)
+    bus_bytes: int = Field(gt=0)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.mega_transfers_per_s * self.bus_bytes / 1000
+
+
+class Chassis(_Component):
+    rack_units: int = Field(ge=1)
+    drive_bays: int = Field(ge=0)
+    nic_slots: int = Field(ge=0)
+    memory_channels: int = Field(ge=0)
+    max_watts: float = Field(gt=0)
+
+
+KINDS: dict[str, type[_Component]] = {"nvme_ssd": NvmeSsd, "nic": Nic, "memory_channel": MemoryChannel,
+                                      "chassis": Chassis}
+
+
+class Catalog(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    nvme_ssd: dict[str, NvmeSsd] = {}
+    nic: dict[str, Nic] = {}
+    memory_channel: dict[str, MemoryChannel] = {}
+    chassis: dict[str, Chassis] = {}
+
+    def get(self, kind: str, name: str) -> Any:
+        table = getattr(self, kind)
+        if name not in table:
+            raise CatalogError(f"no {kind} named {name!r} in the catalog; known: {', '.join(sorted(table))}")
+        return table[name]
+
+
+def _parse(doc: Any, origin: str) -> dict[str, dict[str, _Component]]:
+    if not isinstance(doc, dict):
+        raise CatalogError(f"{origin}: a catalog is a mapping of kind -> list of components")
+    out: dict[str, dict[str, _Component]] = {}
+    for kind, items in doc.items():
+        model = KINDS.get(kind)
+        if model is None:
+            raise CatalogError(f"{origin}: unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+        if not isinstance(items, list):
+            raise CatalogError(f"{origin}: {kind} must be a list of components")
+        for i, item in enumerate(items):
+            label = item.get("name", f"#{i}") if isinstance(item, dict) else f"#{i}"
+            try:
+                comp = model.model_validate(item)
+            except ValidationError as exc:
+                problems = "; ".join(f"field {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise CatalogError(f"{origin}: {kind} {label!r}: {problems}") from None
+            out.setdefault(kind, {})[comp.name] = comp
+    return out
+
+
+def load_catalog(*paths: str | Path, builtin: bool = True) -> Catalog:
+    """The packaged catalog (unless ``builtin=False``) plus ``paths``; later files override by name."""
+    merged: dict[str, dict[str, _Component]] = {k: {} for k in KINDS}
+    sources: list[tuple[str, str]] = []
+    if builtin:
+        sources.append(("nearstore/design/data/catalog.yaml",
+                        resources.files("nearstore.design").joinpath("data/catalog.yaml").read_text()))
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise CatalogError(f"catalog file {p} does not exist")
+        sources.append((str(p), p.read_text()))
+    for origin, text in sources:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise CatalogError(f"{origin}: not valid YAML: {exc}") from None
+        for kind, comps in _parse(doc or {}, origin).items():
+            merged[kind].update(comps)
+    return Catalog(**merged)
