@@ -59,6 +59,9 @@ def _compare(runs: list[dict]) -> list[dict]:
             continue
         node = next(x for x in runs if x["source"] == r["source"] and x["cap_mb_per_s"] == r["cap_mb_per_s"]
                     and x["split"] == UINT8_SPLIT)
+        if not (r["samples"] and node["samples"] and r["samples_per_s"] and node["bytes_per_sample"]):
+            raise RuntimeError(f"run too short to compare ({r['source']}, cap {r['cap_mb_per_s']}): "
+                               "raise the number of samples")
         bytes_ratio = r["bytes_per_sample"] / node["bytes_per_sample"]
         speedup = node["samples_per_s"] / r["samples_per_s"]
         goal_applies = r["source"] == "large" and r["cap_mb_per_s"] in (25, 100)
@@ -104,7 +107,7 @@ def run_all(*, quick: bool, progress: Callable[[str], None] | None = None) -> di
         work = Path(tmp)
         if quick:
             res = sweep(work, caps=[25.0], default_images=64, large_images=8,
-                        samples={"default": 64, "large": 16}, progress=progress)
+                        samples={"default": 128, "large": 48}, progress=progress)
         else:
             res = sweep(work, caps=[25.0, 100.0, 400.0], default_images=400, large_images=64,
                         samples={"default": 768, "large": 256}, progress=progress)
