@@ -111,5 +111,5 @@ def run_all(*, quick: bool, progress: Callable[[str], None] | None = None) -> di
         else:
             res = sweep(work, caps=[25.0, 100.0, 400.0], default_images=400, large_images=64,
                         samples={"default": 768, "large": 256}, progress=progress)
-        res["streaming"] = streaming_bench(work, n=128 if quick else 512, epochs=1 if quick else 12)
+        res["streaming"] = streaming_bench(work, n=128 if quick else 512, epochs=8 if quick else 12)
     return res
