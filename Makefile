@@ -23,6 +23,7 @@ demo: $(VENV)/.dali
 	$(VENV)/bin/nearstore demo
 
 test: $(VENV)/.base
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q -m "not long"
 
 bench: $(VENV)/.dali

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from nearstore import Loader, standard_train
 from nearstore.core.errors import ConfigError, ResumeStateError
 from nearstore.loader import SampleError
 from nearstore.loader.torch import TorchLoader
-from nearstore.store import Manifest, Store, node_dir_name
+from nearstore.store import Store, node_dir_name
 
 PIPE = standard_train(64)
 
