@@ -84,6 +84,7 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
                 break
         wall = t_prev - t_first
         wire = source.wire_bytes - wire0
+        received = (source.wire_bytes, source.samples_received)
         node_wire = [source.wire_by_node[ep.node] - node0[ep.node] for ep in spec.nodes]
         host_ops = dict(loader.stats.op_seconds)
         prefix = source.prefix
@@ -106,7 +107,8 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
         "stall_seconds": stall,
         "wall_seconds": wall,
         "wire_bytes": wire,
-        "bytes_per_sample": wire / seen if seen else 0.0,
+        # over everything received (prefetch may fetch a short run's samples before the timed window)
+        "bytes_per_sample": received[0] / received[1] if received[1] else 0.0,
         "link_bytes_per_s": bytes_per_s,
         "link_cap_bytes_per_s_per_node": cap,
         # the busiest node's link is the one that can bottleneck

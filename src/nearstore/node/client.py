@@ -119,6 +119,7 @@ class ClusterSource:
         self.wire_bytes = 0
         self.payload_bytes = 0
         self.wire_by_node: dict[int, int] = {n: 0 for n in self.clients}
+        self.samples_received = 0
 
     def _node_for(self, shard: int) -> int:
         for n in self.manifest.shards[shard].nodes:
@@ -154,6 +155,7 @@ class ClusterSource:
         rows = [r for b in batches for r in decode_rows(b)]
         with self._lock:
             self.payload_bytes += sum(r[4] for r in rows)
+            self.samples_received += len(rows)
         if [r[0] for r in rows] != samples:
             raise NodeRequestError(f"node {node} answered {len(rows)} samples out of order or incomplete")
         return rows
