@@ -20,7 +20,23 @@ from nearstore.ops.pipeline import standard_train
 from nearstore.store.ingest import ingest
 from nearstore.store.synth import SynthSpec, synth_folder
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "host_table"]
+
+_RATIO_KEYS = {"torch_dataloader_pillow": "vs_torch", "dali_cpu": "vs_dali"}
+
+
+def host_table(host: dict, overhead: dict | None = None) -> Table:
+    """The host-pipeline benchmark as a table: median images/s per system and nearstore's ratio."""
+    t = Table(title=f"{host['pipeline']}, {host['workers']} workers each, median of interleaved rounds")
+    t.add_column("system")
+    t.add_column("images/s", justify="right")
+    t.add_column("nearstore is", justify="right")
+    for name, v in host["median_images_per_s"].items():
+        r = host["median_ratio"].get(_RATIO_KEYS.get(name, ""))
+        t.add_row(name, f"{v:.0f}", f"{r:.2f}x faster" if r else "")
+    if overhead is not None:
+        t.add_row("loader overhead (decoded 32x32, reshape only)", f"{overhead['median_samples_per_s']:.0f}", "")
+    return t
 
 
 def run_demo(workdir: Path, *, n: int, rounds: int, console: Console, progress: Callable[[], Progress]) -> dict:
@@ -53,16 +69,7 @@ def run_demo(workdir: Path, *, n: int, rounds: int, console: Console, progress: 
     with console.status("benchmarking") as status:
         host = host_pipeline_bench(store, n=1280, rounds=rounds, progress=lambda m: status.update(m))
         overhead = loader_overhead_bench(n=10000, rounds=rounds, workdir=workdir)
-    t = Table(title="host pipeline, 2 workers each, median of interleaved rounds")
-    t.add_column("system")
-    t.add_column("images/s", justify="right")
-    t.add_column("nearstore is", justify="right")
-    ratios = {"torch_dataloader_pillow": "vs_torch", "dali_cpu": "vs_dali"}
-    for name, v in host["median_images_per_s"].items():
-        r = host["median_ratio"].get(ratios.get(name, ""), None)
-        t.add_row(name, f"{v:.0f}", f"{r:.2f}x faster" if r else "")
-    t.add_row("loader overhead (decoded 32x32, reshape only)", f"{overhead['median_samples_per_s']:.0f}", "")
-    console.print(t)
+    console.print(host_table(host, overhead))
     if host["dali_note"]:
         console.print(f"note: {host['dali_note']}")
     console.rule("5. storage nodes: 2-node local cluster, link capped at 25 MB/s per node, large photos")

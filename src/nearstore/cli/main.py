@@ -105,23 +105,6 @@ def info(store: Path = typer.Argument(...), json_path: Optional[Path] = typer.Op
     write_json(json_path, data)
 
 
-def _host_table(res: dict) -> Table:
-    t = Table(title=res["pipeline"])
-    t.add_column("system")
-    t.add_column("images/s (median)", justify="right")
-    t.add_column("nearstore ratio", justify="right")
-    med = res["median_images_per_s"]
-    for name, v in med.items():
-        ratio = "" if name == "nearstore" else f"{statistics_ratio(res, name):.2f}x"
-        t.add_row(name, f"{v:.0f}", ratio)
-    return t
-
-
-def statistics_ratio(res: dict, name: str) -> float:
-    key = {"torch_dataloader_pillow": "vs_torch", "dali_cpu": "vs_dali"}[name]
-    return res["median_ratio"][key]
-
-
 node_app = typer.Typer(no_args_is_help=True, help="Run a storage node by hand (one per storage host).")
 app.add_typer(node_app, name="node")
 
@@ -223,12 +206,11 @@ def bench(
         if overhead:
             status.update("loader overhead")
             out["loader_overhead"] = loader_overhead_bench(rounds=rounds, workdir=local.parent)
-    Console().print(_host_table(res))
+    from nearstore.cli.demo import host_table
+
+    Console().print(host_table(res, out.get("loader_overhead")))
     if res["dali_note"]:
         console.print(f"note: {res['dali_note']}")
-    if overhead:
-        Console().print(f"loader overhead (decoded 32x32 samples, reshape-only ops): "
-                        f"{out['loader_overhead']['median_samples_per_s']:.0f} samples/s")
     write_json(json_path, out)
 
 

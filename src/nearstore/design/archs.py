@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nearstore.core.errors import ConfigError
-from nearstore.design.catalog import Catalog
+from nearstore.design.catalog import Catalog, NvmeSsd
 from nearstore.model.core import Resource, Stage, evaluate
 
 __all__ = ["Design", "smart_ebof", "smart_nvme_2u", "nvdimm", "storage_compute_bandwidth", "SEED_DESIGNS"]
@@ -44,6 +44,10 @@ def _fits(count: int, limit: int, what: str, chassis: str) -> None:
         raise ConfigError(f"{what} must be in 1..{limit} for chassis {chassis} (got {count})")
 
 
+def _media(d: NvmeSsd, drives: int) -> Resource:
+    return Resource(name="media", rate=d.read_gb_per_s * 1e9, count=drives, watts=d.watts, cost=d.price_usd)
+
+
 def smart_ebof(cat: Catalog, *, drive: str = "gen4-x4", drives: int = 24, nic: str = "100gbe", nics: int = 3,
                chassis: str = "2u-24-bay") -> Design:
     d, n, c = cat.get("nvme_ssd", drive), cat.get("nic", nic), cat.get("chassis", chassis)
@@ -53,7 +57,7 @@ def smart_ebof(cat: Catalog, *, drive: str = "gen4-x4", drives: int = 24, nic: s
         name="smart_ebof",
         description=f"NVMe-oF EBOF: {drives} x {d.name} behind {nics} x {n.name} uplinks",
         resources=[
-            Resource(name="media", rate=d.read_gb_per_s * 1e9, count=drives, watts=d.watts, cost=d.price_usd),
+            _media(d, drives),
             Resource(name="ethernet", rate=n.gb_per_s * 1e9, count=nics, watts=n.watts, cost=n.price_usd),
         ],
         path=["media", "ethernet"],
@@ -67,8 +71,7 @@ def smart_nvme_2u(cat: Catalog, *, drive: str = "gen4-x4", drives: int = 24, cha
     return Design(
         name="smart_nvme_2u",
         description=f"NVMe smart 2U: {drives} x {d.name}, an accelerator per drive",
-        resources=[Resource(name="media", rate=d.read_gb_per_s * 1e9, count=drives, watts=d.watts,
-                            cost=d.price_usd)],
+        resources=[_media(d, drives)],
         path=["media"],
         rack_units=c.rack_units,
     )

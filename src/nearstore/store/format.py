@@ -114,12 +114,12 @@ class ShardWriter:
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
 
-    def add(self, key: str, jpeg: bytes, label: int, width: int, height: int, *, ext: str = "jpg") -> None:
+    def add(self, key: str, payload: bytes, label: int, width: int, height: int, *, ext: str = "jpg") -> None:
         info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size = len(jpeg)
+        info.size = len(payload)
         info.mtime = 0
-        self._tar.addfile(info, io.BytesIO(jpeg))
-        data_offset = self._tar.offset - (-(-len(jpeg) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+        self._tar.addfile(info, io.BytesIO(payload))
+        data_offset = self._tar.offset - (-(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
         cls_bytes = str(int(label)).encode()
         cinfo = tarfile.TarInfo(f"{key}.cls")
         cinfo.size = len(cls_bytes)
@@ -127,7 +127,7 @@ class ShardWriter:
         self._tar.addfile(cinfo, io.BytesIO(cls_bytes))
         for name, value in zip(
             INDEX_SCHEMA.names,
-            (key, int(label), data_offset, len(jpeg), crc32c(jpeg), int(width), int(height)),
+            (key, int(label), data_offset, len(payload), crc32c(payload), int(width), int(height)),
         ):
             self._rows[name].append(value)
 
