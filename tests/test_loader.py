@@ -15,7 +15,7 @@ from nearstore import Loader, standard_train
 from nearstore.core.errors import ConfigError, ResumeStateError
 from nearstore.loader import SampleError
 from nearstore.loader.torch import TorchLoader
-from nearstore.store import Store, node_dir_name
+from nearstore.store import Manifest, Store, node_dir_name
 
 PIPE = standard_train(64)
 
@@ -158,6 +158,11 @@ def _corrupt_jpeg(store, sample: int) -> tuple[str, str]:
     table = table.set_column(4, "crc32c", pa.array(crcs, pa.uint32()))
     with ipc.new_file(str(idx_path), INDEX_SCHEMA) as w:
         w.write_table(table)
+    # re-seal: the manifest records each index's crc32c (a real corruption would be caught there)
+    man = Manifest.load(store)
+    man.shards[s].index_crc32c = crc32c(idx_path.read_bytes())
+    for d in [store, *sorted(store.glob("node-*"))]:
+        (d / "manifest.json").write_text(man.dumps())
     return entry.name, table.column("key")[i].as_py()
 
 

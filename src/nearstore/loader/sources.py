@@ -56,17 +56,16 @@ class LocalSource:
             s, i = self.store.locate(sid)
             shard = self.manifest.shards[s].name
             try:
-                reader = self.store.reader(s)
-                key, label = reader.index.keys[i], int(reader.index.label[i])
+                ref = self.store.ref(sid)
             except StoreError as exc:
                 out.append(Fetched(sid, f"#{i}", -1, shard, None, 0, exc))
                 continue
             try:
-                data = reader.read(i)
+                data, _ = self.store.read(sid)  # a copy that fails its crc32c is read from a replica
             except StoreError as exc:
-                out.append(Fetched(sid, key, label, shard, None, 0, exc))
+                out.append(Fetched(sid, ref.key, ref.label, shard, None, 0, exc))
                 continue
-            out.append(Fetched(sid, key, label, shard, data, len(data)))
+            out.append(Fetched(sid, ref.key, ref.label, shard, data, len(data)))
         return out
 
     def close(self) -> None:

@@ -4,12 +4,22 @@
 with the op prefix ops[0:k]; replies are checked against the crc32c the node
 computed over its output, reassembled in batch order, and handed to the
 loader, which runs ops[k:]. Bytes on the wire are counted per record batch.
+
+Failover: a node that stops answering is marked down and the samples it owed
+are asked of the next replica of their shard; rows of a broken stream are
+dropped, so every sample is delivered exactly once, and the determinism
+contract makes the replica's output bit-identical. A sample whose copy fails
+its checksum on a node (or on the wire) is asked of another replica. A down
+node is probed again every ``retry_after`` seconds and used again once it
+answers ``health``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -17,16 +27,18 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow.flight as flight
 
-from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError
+from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError
 from nearstore.loader.sources import Fetched
 from nearstore.node.cluster import ClusterSpec
-from nearstore.node.protocol import Ticket, decode_rows, wire_bytes
+from nearstore.node.protocol import Row, Ticket, decode_rows, wire_bytes
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 from nearstore.store.manifest import Manifest
 
 __all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSource", "MESSAGE_BYTES"]
 
 MESSAGE_BYTES = 2 << 20
+# how gRPC words a stream cut by a peer that died (it is sometimes reported as an internal error)
+_BROKEN = re.compile(r"RST_STREAM|Socket closed|Connection reset|connection refused|EOF|unavailable", re.I)
 
 
 class NodeUnavailableError(NearstoreError, ConnectionError):
@@ -41,15 +53,17 @@ class NodeClient:
     """Flight client for one node; thread-safe (one gRPC channel)."""
 
     def __init__(self, uri: str, *, node: int | None = None, token: str | None = None, timeout: float = 60.0,
-                 hint: str = "") -> None:
+                 hint: str = "", tls_root_certs: bytes | None = None) -> None:
         self.uri, self.node = uri, node
-        self._client = flight.FlightClient(uri)
+        self._client = flight.FlightClient(uri, tls_root_certs=tls_root_certs) if tls_root_certs else \
+            flight.FlightClient(uri)
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._opts = flight.FlightCallOptions(headers=headers, timeout=timeout)
         self._hint = hint or "start it with `nearstore up STORE` or `nearstore node serve --data STORE/node-XXX`"
 
     def _fail(self, exc: Exception) -> NearstoreError:
-        if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError, ConnectionError)):
+        if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError, ConnectionError)) or (
+                isinstance(exc, flight.FlightInternalError) and _BROKEN.search(str(exc))):
             return NodeUnavailableError(f"node {self.node} at {self.uri} is not answering ({type(exc).__name__}); "
                                         f"{self._hint}")
         msg = str(exc).split(". Detail:")[0]
@@ -96,19 +110,24 @@ class NodeClient:
 
 
 class ClusterSource:
-    """A loader source backed by node servers; ``prefix`` ops run on the nodes."""
+    """A loader source backed by node servers; ``prefix`` ops run on the nodes.
+
+    ``stats()`` reports failovers (node, when, how long the batch waited),
+    samples re-fetched from a replica, and nodes that rejoined.
+    """
 
     def __init__(self, cluster: ClusterSpec, pipeline: Pipeline, split: int | str, *, streams_per_node: int = 4,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, retry_after: float = 1.0) -> None:
         self.cluster = cluster
         self.prefix = pipeline.resolve_split(split)
         self._ops = pipeline.to_json()[: self.prefix]
-        self.clients = {ep.node: NodeClient(ep.uri, node=ep.node, token=cluster.token, timeout=timeout)
-                        for ep in cluster.nodes}
+        self._timeout, self.retry_after = timeout, retry_after
+        self._root_certs = cluster.root_certs()
+        self.clients = {ep.node: self._client(ep.node) for ep in cluster.nodes}
         if not self.clients:
             raise ConfigError("the cluster has no nodes")
-        first = next(iter(self.clients.values()))
-        self.manifest = first.manifest()
+        self._down: dict[int, tuple[float, str]] = {}  # node -> (when marked down, why)
+        self.manifest = self._first_manifest()
         # record batches of about MESSAGE_BYTES keep a capped link evenly busy
         per_sample = pipeline.declare(input_spec_of(self.manifest))[self.prefix].bytes or 1.0
         self._rows_per_message = max(1, int(MESSAGE_BYTES // per_sample))
@@ -120,43 +139,147 @@ class ClusterSource:
         self.payload_bytes = 0
         self.wire_by_node: dict[int, int] = {n: 0 for n in self.clients}
         self.samples_received = 0
+        self.failovers: list[dict] = []
+        self.rejoined: list[dict] = []
+        self.refetched = 0
 
-    def _node_for(self, shard: int) -> int:
-        for n in self.manifest.shards[shard].nodes:
-            if n in self.clients:
+    def _client(self, node: int) -> NodeClient:
+        ep = next(e for e in self.cluster.nodes if e.node == node)
+        return NodeClient(ep.uri, node=node, token=self.cluster.token, timeout=self._timeout,
+                          tls_root_certs=self._root_certs)
+
+    def _first_manifest(self) -> Manifest:
+        errors = []
+        for node, client in self.clients.items():
+            try:
+                return client.manifest()
+            except NodeUnavailableError as exc:
+                self._down[node] = (time.monotonic(), str(exc))
+                errors.append(str(exc))
+        raise NodeUnavailableError("no node of the cluster answers: " + " | ".join(errors))
+
+    # -- which node serves a shard ---------------------------------------------------
+    def _is_up(self, node: int) -> bool:
+        with self._lock:
+            down = self._down.get(node)
+        if down is None:
+            return True
+        if time.monotonic() - down[0] < self.retry_after:
+            return False
+        fresh = self._client(node)  # a new channel: gRPC's reconnect backoff would delay a restarted node
+        fresh._opts = flight.FlightCallOptions(headers=fresh._opts.headers, timeout=2.0)
+        try:
+            fresh.health()
+        except NearstoreError as exc:
+            fresh.close()
+            with self._lock:
+                self._down[node] = (time.monotonic(), str(exc))
+            return False
+        fresh.close()
+        with self._lock:
+            if node in self._down:
+                del self._down[node]
+                old, self.clients[node] = self.clients[node], self._client(node)
+                old.close()
+                self.rejoined.append({"node": node, "at": time.time()})
+        return True
+
+    def _node_for(self, shard: int, exclude: set[int] = frozenset()) -> int | None:  # type: ignore[assignment]
+        """A node that holds ``shard`` and answers, primary first; None when every copy was excluded."""
+        entry = self.manifest.shards[shard]
+        candidates = [n for n in entry.nodes if n in self.clients and n not in exclude]
+        if not candidates:
+            return None
+        for n in candidates:
+            if self._is_up(n):
                 return n
-        raise NodeUnavailableError(f"no node of the cluster holds shard {self.manifest.shards[shard].name} "
-                                   f"(it lives on nodes {self.manifest.shards[shard].nodes})")
+        with self._lock:
+            why = "; ".join(f"node {n}: {self._down[n][1]}" for n in candidates if n in self._down)
+        raise NodeUnavailableError(
+            f"shard {entry.name} has no live replica: it lives on nodes {entry.nodes} and none answers ({why}). "
+            "Restart them (`nearstore up STORE`), or ingest with more --replicas")
 
+    # -- fetching ----------------------------------------------------------------------
     def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0) -> list[Fetched]:
-        shards = np.searchsorted(self._firsts, ids, side="right") - 1
-        groups: dict[int, list[int]] = defaultdict(list)
-        for pos, s in enumerate(shards.tolist()):
-            groups[self._node_for(s)].append(pos)
-        futures = {
-            node: self._io.submit(self._get, node, [int(ids[p]) for p in positions], epoch, seed)
-            for node, positions in groups.items()
-        }
+        shards = (np.searchsorted(self._firsts, ids, side="right") - 1).tolist()
         out: list[Fetched | None] = [None] * len(ids)
-        for node, fut in futures.items():
-            rows = fut.result()
-            for pos, (sample, key, label, value, nbytes, ok) in zip(groups[node], rows):
-                shard = self.manifest.shards[int(shards[pos])].name
-                err = None if ok else ChecksumError(
-                    f"shard {shard}, key {key}: crc32c of the data node {node} sent does not match; "
-                    "the bytes were corrupted between node and loader")
-                out[pos] = Fetched(sample, key, label, shard, value if ok else None, nbytes, err)
+        tried: dict[int, set[int]] = defaultdict(set)  # position -> nodes whose copy failed
+        problems: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        todo = list(range(len(ids)))
+        t0 = time.monotonic()
+        while todo:
+            groups: dict[int, list[int]] = defaultdict(list)
+            for pos in todo:
+                node = self._node_for(shards[pos], tried[pos])
+                if node is None:  # every copy was bad: an error for this sample, never its bytes
+                    entry = self.manifest.shards[shards[pos]]
+                    key = problems[pos][-1][0]
+                    out[pos] = Fetched(int(ids[pos]), key, -1, entry.name, None, 0, ChecksumError(
+                        f"shard {entry.name}, key {key}: no good copy on nodes {entry.nodes}: "
+                        + " | ".join(msg for _, msg in problems[pos])))
+                    continue
+                groups[node].append(pos)
+            futures = {node: self._io.submit(self._get, node, [int(ids[p]) for p in positions], epoch, seed)
+                       for node, positions in groups.items()}
+            todo = []
+            for node, fut in futures.items():
+                positions = groups[node]
+                try:
+                    rows = fut.result()
+                except NodeUnavailableError as exc:
+                    self._mark_down(node, exc, t0, len(positions))
+                    todo.extend(positions)
+                    continue
+                for pos, row in zip(positions, rows):
+                    f = self._accept(node, pos, shards[pos], row, problems)
+                    if f is None:
+                        tried[pos].add(node)
+                        todo.append(pos)
+                    else:
+                        out[pos] = f
+            if todo:
+                with self._lock:
+                    self.refetched += len(todo)
+        self._close_failovers(t0)
         return out  # type: ignore[return-value]
 
-    def _get(self, node: int, samples: list[int], epoch: int, seed: int) -> list:
+    def _accept(self, node: int, pos: int, shard: int, row: Row, problems: dict) -> Fetched | None:
+        """The Fetched for a received row, or None when this copy is bad and another replica should be asked."""
+        name = self.manifest.shards[shard].name
+        if row.error_kind == "decode":  # the sample itself is bad: every replica would fail the same way
+            return Fetched(row.sample, row.key, row.label, name, None, 0, SampleDecodeError(row.error or ""))
+        if row.error_kind is not None:
+            problems[pos].append((row.key, row.error or row.error_kind))
+            return None
+        if not row.crc_ok:
+            problems[pos].append((row.key, f"node {node}: crc32c of the data it sent does not match; the bytes "
+                                           "were corrupted between node and loader"))
+            return None
+        return Fetched(row.sample, row.key, row.label, name, row.value, row.nbytes)
+
+    def _mark_down(self, node: int, exc: Exception, t0: float, samples: int) -> None:
+        with self._lock:
+            if node not in self._down:
+                self._down[node] = (time.monotonic(), str(exc))
+            self.failovers.append({"node": node, "error": str(exc), "at": time.time(), "samples": samples,
+                                   "detected_s": time.monotonic() - t0, "_t0": t0})
+
+    def _close_failovers(self, t0: float) -> None:
+        with self._lock:
+            for ev in self.failovers:
+                if ev.get("_t0") == t0:
+                    ev["batch_wait_s"] = time.monotonic() - t0
+                    del ev["_t0"]
+
+    def _get(self, node: int, samples: list[int], epoch: int, seed: int) -> list[Row]:
         t = Ticket(dataset=self.manifest.name, samples=samples, ops=self._ops, seed=seed, epoch=epoch,
                    batch_size=min(len(samples), self._rows_per_message))
         batches, _ = self.clients[node].get(t, on_message=lambda n: self._count(node, n))
         rows = [r for b in batches for r in decode_rows(b)]
         with self._lock:
-            self.payload_bytes += sum(r[4] for r in rows)
+            self.payload_bytes += sum(r.nbytes for r in rows)
             self.samples_received += len(rows)
-        if [r[0] for r in rows] != samples:
+        if [r.sample for r in rows] != samples:
             raise NodeRequestError(f"node {node} answered {len(rows)} samples out of order or incomplete")
         return rows
 
@@ -164,6 +287,11 @@ class ClusterSource:
         with self._lock:
             self.wire_bytes += nbytes
             self.wire_by_node[node] += nbytes
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"failovers": [dict(e) for e in self.failovers], "refetched": self.refetched,
+                    "rejoined": list(self.rejoined), "down": {n: why for n, (_, why) in self._down.items()}}
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)

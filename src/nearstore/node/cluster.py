@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from nearstore.core.errors import ConfigError, NearstoreError, StoreError
 from nearstore.store.manifest import Manifest, node_dir_name
 
-__all__ = ["NodeEndpoint", "ClusterSpec", "LocalCluster", "start_cluster", "stop_cluster", "CLUSTER_FILE",
-           "ClusterStartError"]
+__all__ = ["NodeEndpoint", "ClusterSpec", "LocalCluster", "NodeOptions", "start_cluster", "start_node",
+           "stop_cluster", "CLUSTER_FILE", "ClusterStartError", "token_from_env", "read_token_file"]
 
 CLUSTER_FILE = "cluster.json"
 
@@ -47,25 +47,55 @@ class ClusterSpec(BaseModel):
     dataset: str
     nodes: list[NodeEndpoint]
     token: str | None = None
+    tls_root_cert: str | None = None  # PEM file the nodes' certificates chain to (grpc+tls:// endpoints)
     link_mbps: float | None = None
     workers_per_node: int = 2
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterSpec":
+        """Read a cluster file; the token may instead come from NEARSTORE_TOKEN or NEARSTORE_TOKEN_FILE."""
         path = Path(path)
         if path.is_dir():
             path = path / CLUSTER_FILE
         if not path.exists():
             raise StoreError(f"no cluster file at {path}: start the nodes with `nearstore up {path.parent}`")
         spec = cls.model_validate_json(path.read_text())
-        if spec.token is None and os.environ.get("NEARSTORE_TOKEN"):
-            spec.token = os.environ["NEARSTORE_TOKEN"]
+        if spec.token is None:
+            spec.token = token_from_env()
         return spec
+
+    def root_certs(self) -> bytes | None:
+        if self.tls_root_cert is None:
+            return None
+        try:
+            return Path(self.tls_root_cert).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"tls_root_cert {self.tls_root_cert}: cannot read it ({exc.strerror})") from None
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(self.model_dump_json(indent=1))
         os.replace(tmp, path)
+
+
+def token_from_env() -> str | None:
+    """NEARSTORE_TOKEN, else the first line of the file NEARSTORE_TOKEN_FILE names, else None."""
+    if os.environ.get("NEARSTORE_TOKEN"):
+        return os.environ["NEARSTORE_TOKEN"]
+    path = os.environ.get("NEARSTORE_TOKEN_FILE")
+    if path:
+        return read_token_file(path)
+    return None
+
+
+def read_token_file(path: str | Path) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"token file {path}: cannot read it ({exc.strerror})") from None
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    return token
 
 
 def _read_port(proc: subprocess.Popen, timeout: float) -> dict:
@@ -88,48 +118,57 @@ def _read_port(proc: subprocess.Popen, timeout: float) -> dict:
         return {}
 
 
-def start_cluster(store: str | Path, *, nodes: int | None = None, link_mbps: float | None = None,
-                  workers_per_node: int = 2, token: str | None = None, host: str = "127.0.0.1",
-                  detach: bool = False, timeout: float = 60.0) -> tuple[ClusterSpec, list[subprocess.Popen]]:
-    """Start one node process per node directory and wait until each answers ``health``."""
-    from nearstore.node.client import NodeClient, NodeUnavailableError
+class NodeOptions(BaseModel):
+    """How each node process of a local cluster is started."""
 
-    store = Path(store)
-    man = Manifest.load(store)
-    k = man.nodes if nodes is None else nodes
-    if not 1 <= k <= man.nodes:
-        raise ConfigError(f"nodes must be in 1..{man.nodes} (the store has {man.nodes} node directories), got {k}")
-    if workers_per_node < 1:
-        raise ConfigError(f"workers_per_node must be >= 1 (got {workers_per_node})")
+    model_config = ConfigDict(extra="forbid")
+    link_mbps: float | None = None
+    workers_per_node: int = 2
+    token: str | None = None
+    host: str = "127.0.0.1"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "grpc+tls" if self.tls_cert else "grpc"
+
+
+def start_node(store: Path, n: int, opts: NodeOptions, *, port: int = 0, detach: bool = False,
+               timeout: float = 60.0) -> tuple[NodeEndpoint, subprocess.Popen]:
+    """Start the server of node directory ``n``; returns when it prints its port."""
     logs = store / ".nearstore"
     logs.mkdir(exist_ok=True)
-    procs: list[subprocess.Popen] = []
-    endpoints: list[NodeEndpoint] = []
-    try:
-        for n in range(k):
-            cmd = [sys.executable, "-m", "nearstore.node.server", "--data", str(store / node_dir_name(n)),
-                   "--host", host, "--port", "0", "--workers", str(workers_per_node)]
-            if link_mbps:
-                cmd += ["--link-mbps", str(link_mbps)]
-            env = dict(os.environ)
-            if token:
-                env["NEARSTORE_TOKEN"] = token
-            log = open(logs / f"{node_dir_name(n)}.log", "wb")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=detach)
-            log.close()
-            procs.append(proc)
-            info = _read_port(proc, timeout)
-            if not info.get("port"):
-                proc.kill()
-                proc.wait()
-                err = (logs / f"{node_dir_name(n)}.log").read_text()[-2000:]
-                raise ClusterStartError(f"node {n} did not start: {err.strip() or 'no output'}")
-            endpoints.append(NodeEndpoint(node=n, uri=f"grpc://{host}:{info['port']}", pid=proc.pid))
-        spec = ClusterSpec(dataset=man.name, nodes=endpoints, token=token, link_mbps=link_mbps,
-                           workers_per_node=workers_per_node)
-        deadline = time.monotonic() + timeout
-        for ep in endpoints:
-            client = NodeClient(ep.uri, node=ep.node, token=token, timeout=5)
+    cmd = [sys.executable, "-m", "nearstore.node.server", "--data", str(store / node_dir_name(n)),
+           "--host", opts.host, "--port", str(port), "--workers", str(opts.workers_per_node)]
+    if opts.link_mbps:
+        cmd += ["--link-mbps", str(opts.link_mbps)]
+    if opts.tls_cert:
+        cmd += ["--tls-cert", opts.tls_cert, "--tls-key", opts.tls_key or ""]
+    env = dict(os.environ)
+    if opts.token:
+        env["NEARSTORE_TOKEN"] = opts.token
+    log = open(logs / f"{node_dir_name(n)}.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=detach)
+    log.close()
+    info = _read_port(proc, timeout)
+    if not info.get("port"):
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+        err = (logs / f"{node_dir_name(n)}.log").read_text()[-2000:]
+        raise ClusterStartError(f"node {n} did not start: {err.strip() or 'no output'}")
+    return NodeEndpoint(node=n, uri=f"{opts.scheme}://{opts.host}:{info['port']}", pid=proc.pid), proc
+
+
+def wait_healthy(spec: ClusterSpec, endpoints: list[NodeEndpoint], timeout: float) -> None:
+    from nearstore.node.client import NodeClient, NodeUnavailableError
+
+    deadline = time.monotonic() + timeout
+    for ep in endpoints:
+        client = NodeClient(ep.uri, node=ep.node, token=spec.token, timeout=5, tls_root_certs=spec.root_certs())
+        try:
             while True:
                 try:
                     client.health()
@@ -138,7 +177,41 @@ def start_cluster(store: str | Path, *, nodes: int | None = None, link_mbps: flo
                     if time.monotonic() > deadline:
                         raise ClusterStartError(f"node {ep.node} at {ep.uri} never answered health") from None
                     time.sleep(0.1)
+        finally:
             client.close()
+
+
+def start_cluster(store: str | Path, *, nodes: int | None = None, link_mbps: float | None = None,
+                  workers_per_node: int = 2, token: str | None = None, host: str = "127.0.0.1",
+                  tls_cert: str | None = None, tls_key: str | None = None, tls_root_cert: str | None = None,
+                  detach: bool = False, timeout: float = 60.0) -> tuple[ClusterSpec, list[subprocess.Popen]]:
+    """Start one node process per node directory and wait until each answers ``health``.
+
+    With ``tls_cert``/``tls_key`` the nodes speak TLS; ``tls_root_cert`` (default: the
+    certificate itself, as for a self-signed one) is what clients verify them against.
+    """
+    store = Path(store)
+    man = Manifest.load(store)
+    k = man.nodes if nodes is None else nodes
+    if not 1 <= k <= man.nodes:
+        raise ConfigError(f"nodes must be in 1..{man.nodes} (the store has {man.nodes} node directories), got {k}")
+    if workers_per_node < 1:
+        raise ConfigError(f"workers_per_node must be >= 1 (got {workers_per_node})")
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("tls_cert and tls_key go together: give both (PEM files) or neither")
+    opts = NodeOptions(link_mbps=link_mbps, workers_per_node=workers_per_node, token=token, host=host,
+                       tls_cert=tls_cert, tls_key=tls_key)
+    procs: list[subprocess.Popen] = []
+    endpoints: list[NodeEndpoint] = []
+    try:
+        for n in range(k):
+            ep, proc = start_node(store, n, opts, detach=detach, timeout=timeout)
+            endpoints.append(ep)
+            procs.append(proc)
+        spec = ClusterSpec(dataset=man.name, nodes=endpoints, token=token, link_mbps=link_mbps,
+                           workers_per_node=workers_per_node,
+                           tls_root_cert=tls_root_cert or tls_cert)
+        wait_healthy(spec, endpoints, timeout)
     except BaseException:
         _terminate(procs)
         raise
@@ -192,13 +265,45 @@ def stop_cluster(store: str | Path, timeout: float = 10.0) -> list[int]:
 
 
 class LocalCluster:
-    """``with LocalCluster(store, link_mbps=100) as cluster: Loader(cluster=cluster.spec, ...)``."""
+    """``with LocalCluster(store, link_mbps=100) as cluster: Loader(cluster=cluster.spec, ...)``.
+
+    ``kill(n)`` SIGKILLs node ``n`` (fault injection); ``restart(n)`` starts it
+    again on the same port, so loaders holding the spec use it again.
+    """
 
     def __init__(self, store: str | Path, *, nodes: int | None = None, link_mbps: float | None = None,
-                 workers_per_node: int = 2, token: str | None = None) -> None:
+                 workers_per_node: int = 2, token: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_root_cert: str | None = None) -> None:
         self.store = Path(store)
         self.spec, self.procs = start_cluster(store, nodes=nodes, link_mbps=link_mbps,
-                                              workers_per_node=workers_per_node, token=token)
+                                              workers_per_node=workers_per_node, token=token, tls_cert=tls_cert,
+                                              tls_key=tls_key, tls_root_cert=tls_root_cert)
+        self._opts = NodeOptions(link_mbps=link_mbps, workers_per_node=workers_per_node, token=token,
+                                 tls_cert=tls_cert, tls_key=tls_key)
+
+    def kill(self, n: int) -> None:
+        proc = self.procs[n]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    def restart(self, n: int, timeout: float = 60.0) -> None:
+        self.kill(n)
+        if self.procs[n].stdout:
+            self.procs[n].stdout.close()
+        port = int(self.spec.nodes[n].uri.rsplit(":", 1)[1])
+        deadline = time.monotonic() + timeout
+        while True:  # the port can stay taken for a moment after a kill
+            try:
+                ep, proc = start_node(self.store, n, self._opts, port=port, timeout=timeout)
+                break
+            except ClusterStartError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.procs[n] = proc
+        self.spec.nodes[n] = ep
+        wait_healthy(self.spec, [ep], timeout)
 
     def stop(self) -> None:
         _terminate(self.procs)

@@ -6,8 +6,12 @@
 - The **response** is a stream of record batches with columns ``sample``,
   ``key``, ``label``, ``data`` (the bytes of each output: the stored payload
   when no op ran, else the C-order array), ``shape`` and ``crc32c`` (of
-  ``data``, computed by the node: end-to-end integrity of what it computed).
-  Schema metadata carries the output kind and dtype.
+  ``data``, computed by the node: end-to-end integrity of what it computed),
+  and ``error``/``error_kind`` (null, or why this one sample could not be
+  produced: ``checksum`` when the node's copy failed its crc32c, so the
+  loader fetches it from a replica; ``decode`` when the sample itself is bad,
+  so every replica would fail the same way). Schema metadata carries the
+  output kind and dtype.
 - Bytes on the wire are counted on both sides as the Arrow IPC message size
   of each record batch (``pyarrow.ipc.get_record_batch_size``).
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +31,7 @@ from nearstore.core.errors import ConfigError
 
 __all__ = [
     "MAX_TICKET_BYTES", "MAX_SAMPLES", "Ticket", "parse_ticket", "response_schema", "encode_rows",
-    "decode_rows", "wire_bytes", "NAME_RE",
+    "decode_rows", "wire_bytes", "NAME_RE", "Row", "ERROR_KINDS",
 ]
 
 MAX_TICKET_BYTES = 256 * 1024
@@ -109,18 +113,31 @@ def response_schema(kind: str, dtype: str) -> pa.Schema:
             ("data", pa.binary()),
             ("shape", pa.list_(pa.int32())),
             ("crc32c", pa.uint32()),
+            ("error_kind", pa.string()),
+            ("error", pa.string()),
         ],
         metadata={"kind": kind, "dtype": dtype},
     )
 
 
-def encode_rows(schema: pa.Schema, rows: list[tuple[int, str, int, Any]]) -> pa.RecordBatch:
-    """Rows of (sample, key, label, output) -> a record batch; outputs are bytes or numpy arrays.
+ERROR_KINDS = ("checksum", "decode", "read")
 
+
+def encode_rows(schema: pa.Schema, rows: list[tuple]) -> pa.RecordBatch:
+    """Rows of (sample, key, label, output[, error_kind, error]) -> a record batch.
+
+    Outputs are bytes or numpy arrays (None for a row that carries an error).
     The data column is built from one joined buffer (a single copy of the outputs).
     """
     views, shapes, crcs = [], [], []
-    for _, _, _, out in rows:
+    kinds: list[str | None] = []
+    errors: list[str | None] = []
+    for row in rows:
+        out = row[3]
+        kinds.append(row[4] if len(row) > 4 else None)
+        errors.append(row[5] if len(row) > 5 else None)
+        if out is None:
+            out = b""
         if isinstance(out, np.ndarray):
             arr = np.ascontiguousarray(out)
             view = memoryview(arr.reshape(-1).view(np.uint8))
@@ -145,13 +162,28 @@ def encode_rows(schema: pa.Schema, rows: list[tuple[int, str, int, Any]]) -> pa.
             data,
             pa.array(shapes, pa.list_(pa.int32())),
             pa.array(crcs, pa.uint32()),
+            pa.array(kinds, pa.string()),
+            pa.array(errors, pa.string()),
         ],
         schema=schema,
     )
 
 
-def decode_rows(batch: pa.RecordBatch) -> list[tuple[int, str, int, Any, int, bool]]:
-    """A record batch -> rows of (sample, key, label, output, nbytes, crc_ok); arrays are zero-copy views."""
+class Row(NamedTuple):
+    """One decoded response row; ``value`` is a zero-copy view (None when the node sent an error)."""
+
+    sample: int
+    key: str
+    label: int
+    value: Any
+    nbytes: int
+    crc_ok: bool
+    error_kind: str | None = None
+    error: str | None = None
+
+
+def decode_rows(batch: pa.RecordBatch) -> list[Row]:
+    """A record batch -> ``Row``s; arrays are zero-copy views into the received buffers."""
     meta = batch.schema.metadata or {}
     dtype = (meta.get(b"dtype") or b"bytes").decode()
     col = batch.column("data")
@@ -160,14 +192,19 @@ def decode_rows(batch: pa.RecordBatch) -> list[tuple[int, str, int, Any, int, bo
     raw = np.frombuffer(payload, np.uint8) if payload is not None else np.zeros(0, np.uint8)
     shapes = batch.column("shape").to_pylist()
     crcs = batch.column("crc32c").to_numpy()
+    kinds = batch.column("error_kind").to_pylist()
+    errors = batch.column("error").to_pylist()
     out = []
     for i, (sample, key, label) in enumerate(
         zip(batch.column("sample").to_pylist(), batch.column("key").to_pylist(), batch.column("label").to_pylist())
     ):
+        if kinds[i] is not None:
+            out.append(Row(sample, key, label, None, 0, True, kinds[i], errors[i]))
+            continue
         piece = raw[offsets[i] : offsets[i + 1]]
         ok = crc32c(piece) == int(crcs[i])
         value: Any = piece.tobytes() if dtype == "bytes" else piece.view(dtype).reshape(shapes[i])
-        out.append((sample, key, label, value, len(piece), ok))
+        out.append(Row(sample, key, label, value, len(piece), ok))
     return out
 
 

@@ -22,12 +22,13 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from nearstore.core.errors import ConfigError, NearstoreError
+from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError, StoreError
+from nearstore.node.cluster import read_token_file, token_from_env
 from nearstore.node.protocol import encode_rows, parse_ticket, response_schema, wire_bytes
 from nearstore.ops.image import worker_init
 from nearstore.ops.pipeline import Pipeline, input_spec_of
@@ -92,6 +93,7 @@ class _Stats:
         self.payload_bytes = 0
         self.read_bytes = 0
         self.errors = 0
+        self.errors_by_kind: dict[str, int] = {}
         self.bad_requests = 0
         self.link_wait_seconds = 0.0
         self.read_seconds = 0.0
@@ -108,6 +110,7 @@ class NodeServer(flight.FlightServerBase):
 
     def __init__(self, data: str | Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 2,
                  link_bytes_per_s: float | None = None, token: str | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                  allow_shutdown: bool = False) -> None:
         if workers < 1:
             raise ConfigError(f"workers must be >= 1 (got {workers})")
@@ -116,7 +119,19 @@ class NodeServer(flight.FlightServerBase):
         self.store = Store.node(data)
         self.node_id = self.store.node_id
         middleware = {"auth": TokenMiddlewareFactory(token)} if token else None
-        super().__init__(f"grpc://{host}:{port}", middleware=middleware)
+        if bool(tls_cert) != bool(tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both PEM files or neither")
+        certs = []
+        if tls_cert:
+            try:
+                certs = [flight.CertKeyPair(Path(tls_cert).read_bytes(), Path(tls_key).read_bytes())]  # type: ignore
+            except OSError as exc:
+                raise ConfigError(f"cannot read TLS certificate or key {exc.filename}: {exc.strerror}") from None
+        scheme = "grpc+tls" if certs else "grpc"
+        try:
+            super().__init__(f"{scheme}://{host}:{port}", middleware=middleware, tls_certificates=certs)
+        except (pa.ArrowException, OSError) as exc:
+            raise ConfigError(f"cannot serve on {scheme}://{host}:{port}: {exc}") from None
         self.workers = workers
         self.link = LinkCap(link_bytes_per_s)
         self.stats = _Stats()
@@ -148,18 +163,41 @@ class NodeServer(flight.FlightServerBase):
         if name != self.store.manifest.name:
             raise self._bad(f"unknown dataset {name!r}: node {self.node_id} serves {self.store.manifest.name!r}")
 
-    def _process(self, pipe: Pipeline, sample: int, seed: int, epoch: int) -> tuple[int, str, int, Any, int]:
+    def _process(self, pipe: Pipeline, sample: int, seed: int, epoch: int) -> tuple:
+        """(sample, key, label, output, error_kind, error) for one sample; a bad sample is a row, not a failure.
+
+        ``checksum``/``read``: this node's copy is bad (the loader asks a
+        replica); ``decode``: the sample itself is bad (every copy would fail).
+        """
         t0 = time.perf_counter()
-        data, ref = self.store.read(sample)
+        try:
+            ref = self.store.ref(sample)
+        except StoreError as exc:
+            return self._row_error(sample, f"#{sample}", -1, "read", exc)
+        try:
+            data, ref = self.store.read(sample)
+        except ChecksumError as exc:
+            return self._row_error(sample, ref.key, ref.label, "checksum", exc)
+        except StoreError as exc:
+            return self._row_error(sample, ref.key, ref.label, "read", exc)
         t1 = time.perf_counter()
         timings: dict[str, float] = {}
-        out = pipe.run(data, key=ref.key, seed=seed, epoch=epoch, timings=timings) if pipe.ops else data
+        try:
+            out = pipe.run(data, key=ref.key, seed=seed, epoch=epoch, timings=timings) if pipe.ops else data
+        except SampleDecodeError as exc:
+            return self._row_error(sample, ref.key, ref.label, "decode", exc)
         with self.stats.lock:
             self.stats.read_seconds += t1 - t0
             self.stats.read_bytes += len(data)
             for k, v in timings.items():
                 self.stats.op_seconds[k] = self.stats.op_seconds.get(k, 0.0) + v
-        return sample, ref.key, ref.label, out, len(data)
+        return sample, ref.key, ref.label, out, None, None
+
+    def _row_error(self, sample: int, key: str, label: int, kind: str, exc: Exception) -> tuple:
+        with self.stats.lock:
+            self.stats.errors += 1
+            self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
+        return sample, key, label, None, kind, f"node {self.node_id}: {exc}"
 
     # -- Flight methods ------------------------------------------------------------
     def do_get(self, context, ticket):  # noqa: ANN001, ANN201
@@ -187,7 +225,7 @@ class NodeServer(flight.FlightServerBase):
 
     def _message(self, schema: pa.Schema, pipe: Pipeline, ids: list[int], seed: int, epoch: int) -> pa.RecordBatch:
         """Read, verify, transform and encode the samples of one record batch (runs on a worker thread)."""
-        return encode_rows(schema, [self._process(pipe, sid, seed, epoch)[:4] for sid in ids])
+        return encode_rows(schema, [self._process(pipe, sid, seed, epoch) for sid in ids])
 
     def _stream(self, schema: pa.Schema, pipe: Pipeline, seed: int, epoch: int, ids: list[int], batch_size: int,
                 context) -> Iterator[pa.RecordBatch]:  # noqa: ANN001
@@ -296,13 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="threads running ops")
     ap.add_argument("--link-mbps", type=float, default=None,
                     help="cap on bytes sent, in MB/s (10^6 bytes per second): emulates the link")
-    ap.add_argument("--token", default=os.environ.get("NEARSTORE_TOKEN"), help="require this bearer token")
+    ap.add_argument("--token", default=None,
+                    help="require this bearer token (default: NEARSTORE_TOKEN or the file NEARSTORE_TOKEN_FILE names)")
+    ap.add_argument("--token-file", default=None, help="require the bearer token stored in this file")
+    ap.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate (needs --tls-key)")
+    ap.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     ap.add_argument("--allow-shutdown", action="store_true", help="honour the shutdown action")
     args = ap.parse_args(argv)
     try:
+        token = args.token or (read_token_file(args.token_file) if args.token_file else token_from_env())
         server = NodeServer(args.data, host=args.host, port=args.port, workers=args.workers,
-                            link_bytes_per_s=args.link_mbps * 1e6 if args.link_mbps else None, token=args.token,
-                            allow_shutdown=args.allow_shutdown)
+                            link_bytes_per_s=args.link_mbps * 1e6 if args.link_mbps else None, token=token,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, allow_shutdown=args.allow_shutdown)
     except NearstoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

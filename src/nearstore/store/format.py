@@ -74,16 +74,24 @@ class ShardIndex:
         return len(self.keys)
 
     @classmethod
-    def load(cls, path: Path, *, tar_size: int | None = None) -> "ShardIndex":
+    def load(cls, path: Path, *, tar_size: int | None = None, expected_crc: int | None = None) -> "ShardIndex":
+        """Read an index; ``expected_crc`` (the manifest's) is checked before anything is parsed."""
         if not path.exists():
             raise StoreFormatError(
                 f"missing shard index {path}: the store is incomplete; re-run `nearstore ingest` "
                 "or restore the file from a replica"
             )
+        raw = path.read_bytes()
+        if expected_crc is not None and crc32c(raw) != expected_crc:
+            raise ChecksumError(f"shard index {path}: crc32c {crc32c(raw):08x} does not match the manifest's "
+                                f"{expected_crc:08x}; the file is corrupt. Restore it from a replica or re-run "
+                                "`nearstore ingest`")
         try:
-            table = ipc.open_file(pa.BufferReader(path.read_bytes())).read_all()
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise StoreFormatError(f"unreadable shard index {path}: {exc}; re-run `nearstore ingest`") from exc
+            table = ipc.open_file(pa.BufferReader(raw)).read_all()
+            if table.schema.equals(INDEX_SCHEMA):
+                table.validate(full=True)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise StoreFormatError(f"unreadable shard index {path}: {exc}; re-run `nearstore ingest`") from None
         if not table.schema.equals(INDEX_SCHEMA):
             raise StoreFormatError(f"shard index {path} has schema {table.schema}, expected {INDEX_SCHEMA}")
         idx = cls(
@@ -175,7 +183,7 @@ class ShardReader:
     mapping stays valid for the reader's life.
     """
 
-    def __init__(self, tar_path: Path, *, shard: str) -> None:
+    def __init__(self, tar_path: Path, *, shard: str, index_crc32c: int | None = None) -> None:
         self._map: mmap.mmap | None = None
         self.shard = shard
         self.tar_path = tar_path
@@ -188,7 +196,7 @@ class ShardReader:
         try:
             size = os.fstat(fd).st_size
             self.index = ShardIndex.load(tar_path.with_name(tar_path.name[: -len(".tar")] + ".idx.arrow"),
-                                         tar_size=size)
+                                         tar_size=size, expected_crc=index_crc32c)
             self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
         finally:
             os.close(fd)

@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from nearstore.core.checksum import crc32c
 from nearstore.core.errors import StoreError, StoreFormatError
 
 __all__ = ["MANIFEST_NAME", "ShardEntry", "Manifest", "node_dir_name", "placement"]
@@ -63,9 +64,15 @@ class Manifest(BaseModel):
     mean_height: float
     mean_payload_bytes: float
     shards: list[ShardEntry]
+    checksum: int | None = Field(None, description="crc32c of the manifest's JSON without this field")
+
+    def body_crc32c(self) -> int:
+        return crc32c(self.model_dump_json(exclude={"checksum"}).encode())
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
+        if self.checksum is not None and self.checksum != self.body_crc32c():
+            raise ValueError("its crc32c does not match its contents: the file is corrupt")
         total = 0
         for s in self.shards:
             if s.first != total:
@@ -96,9 +103,11 @@ class Manifest(BaseModel):
             )
             raise StoreError(f"no store at {store} ({hint}); create one with `nearstore ingest SRC {store}`")
         try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except (json.JSONDecodeError, ValidationError) as exc:
-            raise StoreFormatError(f"manifest {path} is malformed: {exc}; re-run `nearstore ingest`") from exc
+            return cls.model_validate(json.loads(path.read_bytes().decode("utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RecursionError) as exc:
+            raise StoreFormatError(f"manifest {path} is malformed: {exc}; restore it from a node directory's "
+                                   "copy (STORE/node-XXX/manifest.json) or re-run `nearstore ingest`") from None
 
     def dumps(self) -> str:
-        return self.model_dump_json(indent=1)
+        """The JSON written to disk, sealed with its checksum."""
+        return self.model_copy(update={"checksum": self.body_crc32c()}).model_dump_json(indent=1)

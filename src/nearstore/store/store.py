@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nearstore.core.errors import StoreError
+from nearstore.core.errors import ChecksumError, StoreError
 from nearstore.store.format import ShardReader
 from nearstore.store.manifest import Manifest, node_dir_name
 
@@ -30,6 +30,9 @@ class Store:
 
     Shard readers open lazily and are shared by threads. ``nodes`` restricts
     reading to those node directories (used by a node server that owns one).
+    A sample whose bytes fail their crc32c is read from another replica when
+    the store can see one (``repaired`` counts those); when no copy is good
+    the ChecksumError names the shard, the key and every copy tried.
     """
 
     def __init__(self, path: str | Path, *, nodes: list[int] | None = None) -> None:
@@ -40,6 +43,8 @@ class Store:
         self._lock = threading.Lock()
         self._nodes = set(nodes) if nodes is not None else None
         self._node_local = False
+        self._alternates: dict[tuple[int, int], ShardReader] = {}
+        self.repaired = 0
 
     @classmethod
     def node(cls, node_dir: str | Path) -> "Store":
@@ -88,7 +93,7 @@ class Store:
             base = self.path if self._node_local else self.path / node_dir_name(n)
             path = base / f"{entry.name}.tar"
             try:
-                return ShardReader(path, shard=entry.name)
+                return ShardReader(path, shard=entry.name, index_crc32c=entry.index_crc32c)
             except StoreError as exc:
                 errors.append(exc)
         if len(errors) == 1:
@@ -104,12 +109,43 @@ class Store:
         s, i = self.locate(sample)
         r = self.reader(s)
         ref = SampleRef(self.manifest.shards[s].name, i, r.index.keys[i], int(r.index.label[i]))
-        return r.read(i), ref
+        try:
+            return r.read(i), ref
+        except ChecksumError as first:
+            return self._read_replica(s, i, r, first), ref
+
+    def _read_replica(self, shard: int, i: int, bad: ShardReader, first: ChecksumError) -> memoryview:
+        entry = self.manifest.shards[shard]
+        errors = [str(first)]
+        for n in entry.nodes:
+            if self._node_local or (self._nodes is not None and n not in self._nodes):
+                continue
+            path = self.path / node_dir_name(n) / f"{entry.name}.tar"
+            if path == bad.tar_path:
+                continue
+            try:
+                with self._lock:
+                    alt = self._alternates.get((shard, n))
+                    if alt is None:
+                        alt = self._alternates[(shard, n)] = ShardReader(path, shard=entry.name,
+                                                                       index_crc32c=entry.index_crc32c)
+                data = alt.read(i)
+            except StoreError as exc:
+                errors.append(f"{node_dir_name(n)}: {exc}")
+                continue
+            with self._lock:
+                self.repaired += 1
+            return data
+        if len(errors) == 1:
+            raise first
+        raise ChecksumError(f"shard {entry.name}, key {bad.index.keys[i]}: no good copy on nodes {entry.nodes}: "
+                            + " | ".join(errors))
 
     def labels(self) -> np.ndarray:
         return np.concatenate([self.reader(s).index.label for s in range(len(self.manifest.shards))])
 
     def close(self) -> None:
-        for r in self._readers.values():
+        for r in [*self._readers.values(), *self._alternates.values()]:
             r.close()
         self._readers.clear()
+        self._alternates.clear()

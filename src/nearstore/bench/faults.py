@@ -1,0 +1,357 @@
+"""Fault injection shared by the reliability tests (short runs) and ``bench/reliability.py`` (long runs).
+
+Each harness returns a dict of what it did and saw (cases, faults injected,
+samples lost or duplicated, crashes) so the test can assert on it and the
+benchmark can record it in ``bench/results/reliability.json``:
+
+- ``failover_run``: a loader over a cluster, one node SIGKILLed mid-epoch.
+- ``fuzz_tickets``: hypothesis-generated tickets and actions against a live node.
+- ``fuzz_readers``: damaged index, tar and manifest files opened and read.
+- ``ingest_kill_loop``: ``ingest`` SIGKILLed at random points, the store checked after each.
+- ``load_run``: several loader processes against one cluster for a fixed time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nearstore.core.errors import NearstoreError
+
+__all__ = ["failover_run", "fuzz_tickets", "fuzz_readers", "ingest_kill_loop", "load_run", "batch_digests",
+           "peak_rss", "copy_store"]
+
+
+def batch_digests(loader: Any, *, epoch_hook: Any = None) -> tuple[list[tuple[list[str], str]], list[float]]:
+    """(keys, sha256 of data+labels) of every batch of one epoch, and the seconds each batch took to arrive."""
+    out, waits = [], []
+    t = time.perf_counter()
+    for i, b in enumerate(loader):
+        now = time.perf_counter()
+        waits.append(now - t)
+        h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes())
+        h.update(b.labels.tobytes())
+        out.append((list(b.keys), h.hexdigest()))
+        if epoch_hook is not None:
+            epoch_hook(i)
+        t = time.perf_counter()
+    return out, waits
+
+
+def failover_run(cluster: Any, pipeline: Any, *, kill_node: int = 0, kill_after: int = 2, batch_size: int = 4,
+                 seed: int = 1, split: str | int = "node") -> dict:
+    """One clean epoch, then the same epoch with ``kill_node`` SIGKILLed after ``kill_after`` batches.
+
+    Returns samples lost/duplicated, whether every batch is bit-identical, and
+    the stall: the longest batch wait of the faulty epoch minus the clean
+    epoch's median batch wait.
+    """
+    from nearstore.loader.loader import Loader
+
+    def epoch(hook: Any = None) -> tuple[list, list[float], dict]:
+        with Loader(cluster=cluster.spec, pipeline=pipeline, split=split, batch_size=batch_size, seed=seed) as ld:
+            digests, waits = batch_digests(ld, epoch_hook=hook)
+            return digests, waits, ld.source.stats()
+
+    clean, clean_waits, _ = epoch()
+    faulty, waits, stats = epoch(lambda i: cluster.kill(kill_node) if i == kill_after else None)
+    keys = [k for ks, _ in faulty for k in ks]
+    expected = [k for ks, _ in clean for k in ks]
+    return {
+        "samples": len(expected),
+        "delivered": len(keys),
+        "lost": len(set(expected) - set(keys)),
+        "duplicates": len(keys) - len(set(keys)),
+        "bit_identical": faulty == clean,
+        "failovers": len(stats["failovers"]),
+        "refetched": stats["refetched"],
+        "stall_s": max(waits) - float(np.median(clean_waits)),
+        "median_batch_s": float(np.median(clean_waits)),
+    }
+
+
+# -- fuzzing -------------------------------------------------------------------------------
+
+
+def _ticket_strategy(dataset: str, n: int) -> Any:
+    """Tickets: valid ones, valid ones with one field replaced by junk, and arbitrary JSON or bytes."""
+    from hypothesis import strategies as st
+
+    json_leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=40)
+    junk = st.recursive(json_leaf, lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=8), c,
+                                                                                         max_size=5), max_leaves=12)
+    op_names = st.sampled_from(["decode_jpeg", "random_resized_crop", "resize", "center_crop", "flip",
+                                "to_uint8_chw", "normalize", "../etc", "nope", ""])
+    op = st.one_of(op_names, st.fixed_dictionaries({"op": op_names}, optional={
+        "size": st.integers(-5, 5000) | junk, "p": st.floats(allow_nan=True) | junk, "scale": junk}))
+    names = st.sampled_from([dataset, "..", "../x", "a/b", "", "x" * 300, "other"]) | st.text(max_size=20)
+    valid = st.fixed_dictionaries(
+        {"dataset": st.just(dataset), "samples": st.lists(st.integers(0, n - 1), min_size=1, max_size=4)},
+        optional={"ops": st.lists(op, max_size=4), "seed": st.integers(-2**64, 2**64), "epoch": st.integers(-3, 10**6),
+                  "batch_size": st.integers(-1, 10**5) | junk},
+    )
+    mutated = st.tuples(valid, st.sampled_from(["dataset", "samples", "ranges", "ops", "seed", "epoch",
+                                                "batch_size", "v", "extra"]), junk | names).map(
+        lambda t: {**t[0], t[1]: t[2]})
+    ranges = st.fixed_dictionaries({"dataset": names, "ranges": st.lists(
+        st.tuples(st.integers(-5, 10**7), st.integers(-5, 10**7)), max_size=3)})
+    as_bytes = (valid | mutated | ranges | junk).map(lambda d: json.dumps(d, allow_nan=True).encode())
+    return as_bytes | st.binary(max_size=200) | st.just(b"{" * 5000)
+
+
+def fuzz_tickets(uri: str, dataset: str, n: int, *, cases: int, token: str | None = None,
+                 seed: int = 0) -> dict:
+    """Send ``cases`` generated tickets (and action bodies) to a live node; classify every answer.
+
+    A crash is any answer other than data or a Flight error raised by the
+    node's validation: the node dying, hanging past the call timeout, or an
+    internal error. Ends with a good request, which must succeed.
+    """
+    import pyarrow.flight as flight
+    from hypothesis import HealthCheck, given, seed as hseed, settings
+    from hypothesis import strategies as st
+
+    client = flight.FlightClient(uri)
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    opts = flight.FlightCallOptions(headers=headers, timeout=30)
+    tally = {"cases": 0, "served": 0, "rejected": 0, "crashes": 0, "examples": {}}
+
+    def record(kind: str, detail: str) -> None:
+        tally[kind] += 1
+        tally["examples"].setdefault(kind, detail[:200])
+
+    @hseed(seed)
+    @settings(max_examples=cases, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck))
+    @given(raw=_ticket_strategy(dataset, n), action=st.sampled_from(["", "get", "profile", "health", "stats",
+                                                                     "shutdown", "nope"]))
+    def one(raw: bytes, action: str) -> None:
+        tally["cases"] += 1
+        try:
+            if action in ("", "get"):
+                for _ in client.do_get(flight.Ticket(raw), opts):
+                    pass
+            else:
+                list(client.do_action(flight.Action(action, raw), opts))
+            record("served", raw[:80].decode("utf-8", "replace"))
+        except (flight.FlightServerError, flight.FlightUnauthenticatedError) as exc:
+            msg = str(exc)
+            if "Traceback" in msg or "Python exception" in msg and "FlightServerError" not in msg:
+                record("crashes", msg)
+            else:
+                record("rejected", msg.split(". Detail:")[0])
+        except (flight.FlightError, OSError) as exc:  # unavailable, timed out, internal: the node misbehaved
+            record("crashes", f"{type(exc).__name__}: {exc}")
+
+    one()
+    good = json.dumps({"dataset": dataset, "samples": [0], "ops": ["decode_jpeg"]}).encode()
+    try:
+        rows = sum(c.data.num_rows for c in client.do_get(flight.Ticket(good), opts))
+        tally["good_request_after"] = rows == 1
+    except flight.FlightError as exc:
+        tally["good_request_after"] = False
+        tally["examples"]["good_request_after"] = str(exc)[:200]
+    client.close()
+    return tally
+
+
+def fuzz_readers(store: Path, *, cases: int, seed: int = 0) -> dict:
+    """Damage one of a store's files per case (flip, truncate, overwrite, extend) and read the whole store.
+
+    Every outcome must be a read of exactly the original samples (keys, labels,
+    bytes) or a NearstoreError; another exception counts as a crash, different
+    data as ``wrong``. The store is restored between cases.
+    """
+    from nearstore.store.store import Store
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        st = Store(store)
+        try:
+            for i in range(len(st)):
+                data, ref = st.read(i)
+                h.update(data)
+                h.update(f"{ref.key}:{ref.label};".encode())
+        finally:
+            st.close()
+        return h.hexdigest()
+
+    rng = random.Random(seed)
+    files = sorted(p for p in store.rglob("*") if p.is_file() and not p.name.endswith(".log"))
+    good = digest()
+    tally = {"cases": 0, "clean": 0, "rejected": 0, "crashes": 0, "wrong": 0, "by_file": {}, "examples": {}}
+    for _ in range(cases):
+        path = rng.choice(files)
+        original = path.read_bytes()
+        data = bytearray(original)
+        how = rng.choice(["flip", "truncate", "overwrite", "extend", "zero"])
+        if how == "flip" and data:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif how == "truncate":
+            del data[rng.randrange(len(data) + 1):]
+        elif how == "overwrite" and data:
+            at = rng.randrange(len(data))
+            data[at:at + 16] = bytes(rng.randrange(256) for _ in range(16))
+        elif how == "extend":
+            data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        elif how == "zero" and data:
+            at = rng.randrange(len(data))
+            data[at:at + 512] = bytes(min(512, len(data) - at))
+        kind = path.suffix.lstrip(".") or path.name
+        tally["by_file"][kind] = tally["by_file"].get(kind, 0) + 1
+        try:
+            path.write_bytes(bytes(data))
+            tally["cases"] += 1
+            try:
+                if digest() == good:
+                    tally["clean"] += 1  # the damage missed everything read (tar headers) or a replica served
+                else:
+                    tally["wrong"] += 1
+                    tally["examples"].setdefault(f"wrong {kind}/{how}", str(path))
+            except NearstoreError as exc:
+                tally["rejected"] += 1
+                tally["examples"].setdefault(f"{kind}/{how}", str(exc)[:200])
+            except Exception as exc:  # noqa: BLE001 - counting what escapes is the point of the fuzzer
+                tally["crashes"] += 1
+                tally["examples"].setdefault(f"crash {kind}/{how}", f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            path.write_bytes(original)
+    return tally
+
+
+# -- crash-safe ingest -------------------------------------------------------------------------
+
+_INGEST = """
+import sys
+from nearstore.store.ingest import ingest
+ingest(sys.argv[1], sys.argv[2], nodes=2, replicas=2, shard_size=int(sys.argv[3]))
+"""
+
+
+def ingest_kill_loop(sources: list[Path], store: Path, *, kills: int, seed: int = 0, max_delay: float = 2.0,
+                     shard_size: int = 200_000) -> dict:
+    """SIGKILL ``ingest`` ``kills`` times at random points, alternating sources.
+
+    After each kill the store must be the previous complete one or the new
+    complete one: its manifest loads, its sample count is one of the sources',
+    and every sample reads back verified. Returns what was seen.
+    """
+    from nearstore.store.manifest import Manifest
+    from nearstore.store.store import Store
+
+    rng = random.Random(seed)
+    counts = {len([p for p in s.rglob("*") if p.is_file()]) for s in sources}
+    tally = {"kills": 0, "old_store": 0, "new_store": 0, "inconsistent": 0, "samples_checked": 0, "examples": []}
+    for k in range(kills):
+        before = Manifest.load(store).generation
+        src = sources[k % len(sources)]
+        proc = subprocess.Popen([sys.executable, "-c", _INGEST, str(src), str(store), str(shard_size)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, max_delay))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        tally["kills"] += 1
+        try:
+            man = Manifest.load(store)
+            st = Store(store)
+            try:
+                for i in range(man.num_samples):
+                    st.read(i)
+            finally:
+                st.close()
+            if man.num_samples not in counts:
+                raise AssertionError(f"{man.num_samples} samples matches no source ({sorted(counts)})")
+            tally["samples_checked"] += man.num_samples
+            tally["old_store" if man.generation == before else "new_store"] += 1
+        except (NearstoreError, AssertionError) as exc:
+            tally["inconsistent"] += 1
+            tally["examples"].append(f"kill {k}: {exc}"[:300])
+    return tally
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+_LOADER = """
+import json, sys, time
+from nearstore import Loader, standard_train
+from nearstore.node.cluster import ClusterSpec
+spec = ClusterSpec.model_validate_json(sys.argv[1])
+seconds, seed, split = float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+n = 0
+with Loader(cluster=spec, pipeline=standard_train(64), split=split, batch_size=8, seed=seed, workers=1) as ld:
+    print("ready", flush=True)
+    sys.stdin.readline()  # every loader starts together
+    t0 = time.perf_counter()
+    for b in ld.epochs(None):
+        n += len(b.keys)
+        if time.perf_counter() - t0 > seconds:
+            break
+print(json.dumps({"samples": n, "seconds": time.perf_counter() - t0}), flush=True)
+"""
+
+
+def peak_rss(pid: int) -> int:
+    """Peak resident set size of a live process in bytes (VmHWM), 0 if unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def load_run(cluster: Any, *, loaders: int, seconds: float, split: str = "node") -> dict:
+    """``loaders`` loader processes, started together, each reading for ``seconds``; per-loader samples/s."""
+    spec = cluster.spec.model_dump_json()
+    procs = [subprocess.Popen([sys.executable, "-c", _LOADER, spec, str(seconds), str(i), split],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(loaders)]
+    try:
+        for p in procs:
+            line = p.stdout.readline() if p.stdout else ""
+            if line.strip() != "ready":
+                raise RuntimeError(f"loader did not start: {line}{p.stderr.read() if p.stderr else ''}")
+        for p in procs:
+            p.stdin.write("go\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        rates, errors = [], []
+        for p in procs:
+            out, err = p.communicate(timeout=seconds + 120)
+            if p.returncode != 0:
+                errors.append(err[-500:])
+                continue
+            r = json.loads(out.strip().splitlines()[-1])
+            rates.append(r["samples"] / r["seconds"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    rss = [peak_rss(p.pid) for p in cluster.procs]
+    return {
+        "loaders": loaders, "seconds": seconds, "split": split, "errors": errors,
+        "samples_per_s": rates, "total_samples_per_s": sum(rates),
+        "max_over_min": (max(rates) / min(rates)) if rates and min(rates) > 0 else float("inf"),
+        "node_peak_rss_bytes": rss,
+    }
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    """A private copy of a store (tests that damage files work on one)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".nearstore", "cluster.json"))
+    return dst
+

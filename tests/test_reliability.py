@@ -1,0 +1,290 @@
+"""Fault tolerance and hostile input (issue 4): real node processes, real SIGKILLs, real damaged files.
+
+The long versions (10,000 fuzz cases, 20+ ingest kills, 8 loaders for 30 s)
+run from ``bench/reliability.py``; these are the short versions CI runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nearstore import Loader, standard_train
+from nearstore.bench.faults import (batch_digests, copy_store, failover_run, fuzz_readers, fuzz_tickets,
+                                    ingest_kill_loop, load_run)
+from nearstore.core.errors import ChecksumError
+from nearstore.loader.loader import SampleError
+from nearstore.node import LocalCluster
+from nearstore.node.client import NodeClient, NodeRequestError, NodeUnavailableError
+from nearstore.node.cluster import CLUSTER_FILE, ClusterSpec
+from nearstore.store import Manifest, Store
+from nearstore.store.ingest import ingest
+from nearstore.store.manifest import node_dir_name
+from nearstore.store.synth import SynthSpec, synth_folder
+
+pytestmark = pytest.mark.timeout(240)
+PIPE = standard_train(64)
+
+
+def flip_byte(store: Path, sample: int, node: int) -> tuple[str, str]:
+    """Flip one payload byte of ``sample`` in node ``node``'s copy of its shard; returns (shard, key)."""
+    st = Store(store)
+    s, i = st.locate(sample)
+    entry = st.manifest.shards[s]
+    idx = st.reader(s).index
+    off, key = int(idx.offset[i]) + 40, idx.keys[i]
+    st.close()
+    with open(store / node_dir_name(node) / f"{entry.name}.tar", "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x01]))
+    return entry.name, key
+
+
+def primary(store: Path, sample: int) -> int:
+    """The node a loader asks first for ``sample``."""
+    st = Store(store)
+    node = st.manifest.shards[st.locate(sample)[0]].nodes[0]
+    st.close()
+    return node
+
+
+def epoch_digests(**kw) -> list:
+    with Loader(pipeline=PIPE, batch_size=8, seed=3, **kw) as ld:
+        return batch_digests(ld)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(store) -> list:
+    """Batches of one epoch read straight from the undamaged store (every op on the host)."""
+    return epoch_digests(store=store)
+
+
+# -- 1. replicas and failover ----------------------------------------------------------------------
+
+
+def test_sigkill_mid_epoch_fails_over_exactly_once_and_bit_identical(store):
+    with LocalCluster(store, link_mbps=1.0) as c:  # a slow link, so the kill lands mid-stream
+        r = failover_run(c, PIPE, kill_node=0, kill_after=2, batch_size=4)
+    assert r["samples"] == 48 and r["delivered"] == 48
+    assert r["lost"] == 0 and r["duplicates"] == 0
+    assert r["bit_identical"]
+    assert r["failovers"] >= 1 and r["refetched"] >= 1
+    assert r["stall_s"] < 30
+
+
+def test_restarted_node_is_used_again(store):
+    with LocalCluster(store) as c:
+        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8, seed=3) as ld:
+            ld.source.retry_after = 0.2
+            c.kill(0)
+            first, _ = batch_digests(ld)  # all from node 1
+            sent_by_0 = ld.source.wire_by_node[0]
+            c.restart(0)
+            time.sleep(0.3)
+            ld.epoch = 0
+            again, _ = batch_digests(ld)
+            stats = ld.source.stats()
+        assert first == again
+        assert [e["node"] for e in stats["rejoined"]] == [0]
+        assert ld.source.wire_by_node[0] > sent_by_0 and not stats["down"]
+
+
+def test_no_replica_left_names_shard_and_nodes(fresh_store):
+    with LocalCluster(fresh_store) as c:  # one replica: node 0's shards have no other copy
+        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8) as ld:
+            c.kill(0)
+            with pytest.raises(NodeUnavailableError, match=r"shard \S+ has no live replica: it lives on nodes \[0\]"):
+                list(ld)
+
+
+# -- 2. end-to-end integrity ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["host", "node"])
+def test_flipped_byte_is_served_from_a_replica(store, tmp_path, reference, split):
+    damaged = copy_store(store, tmp_path / "s")
+    other = next(i for i in range(48) if primary(damaged, i) != primary(damaged, 5))
+    flip_byte(damaged, 5, node=primary(damaged, 5))  # each node has one bad sample; each has a good copy elsewhere
+    flip_byte(damaged, other, node=primary(damaged, other))
+    with LocalCluster(damaged) as c:
+        with Loader(cluster=c, pipeline=PIPE, split=split, batch_size=8, seed=3) as ld:
+            got = batch_digests(ld)[0]
+            assert ld.source.stats()["refetched"] >= 2
+        node_errors = [NodeClient(ep.uri, node=ep.node).stats()["errors_by_kind"] for ep in c.spec.nodes]
+    assert got == reference
+    assert all(e.get("checksum", 0) >= 1 for e in node_errors)
+
+
+def test_flipped_byte_in_a_local_store_is_read_from_a_replica(store, tmp_path, reference):
+    damaged = copy_store(store, tmp_path / "s")
+    flip_byte(damaged, 5, node=primary(damaged, 5))
+    with Loader(store=damaged, pipeline=PIPE, batch_size=8, seed=3) as ld:
+        assert batch_digests(ld)[0] == reference
+        assert ld.source.store.repaired == 1
+
+
+def test_flipped_byte_without_a_good_copy_is_never_delivered(fresh_store):
+    shard, key = flip_byte(fresh_store, 5, node=primary(fresh_store, 5))
+    with LocalCluster(fresh_store) as c:
+        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8) as ld, \
+                pytest.raises(SampleError, match=f"shard {shard}, key {key}.*crc32c mismatch"):
+            list(ld)
+        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8, on_error="skip") as ld:
+            ids = np.concatenate([b.ids for b in ld])
+        assert 5 not in ids and len(ids) == 47 and ld.stats.skipped == 1
+
+
+def test_both_copies_bad_names_every_copy(store, tmp_path):
+    damaged = copy_store(store, tmp_path / "s")
+    shard, key = flip_byte(damaged, 9, node=0)
+    flip_byte(damaged, 9, node=1)
+    st = Store(damaged)
+    with pytest.raises(ChecksumError, match=f"shard {shard}, key {key}: no good copy on nodes"):
+        st.read(9)
+    st.close()
+    with LocalCluster(damaged) as c, Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8) as ld:
+        with pytest.raises(SampleError, match=f"key {key}.*no good copy on nodes"):
+            list(ld)
+
+
+# -- 3. exact resume under the cluster path ----------------------------------------------------------
+
+RESUME = """
+import hashlib, json, sys
+import numpy as np
+from nearstore import Loader, standard_train
+from nearstore.node.cluster import ClusterSpec
+spec = ClusterSpec.model_validate_json(sys.argv[1])
+state = json.loads(sys.argv[2])
+with Loader(cluster=spec, pipeline=standard_train(64), split=sys.argv[3], batch_size=8, seed=3,
+            workers=int(sys.argv[4])) as ld:
+    ld.load_state_dict(state)
+    out = []
+    for b in ld:
+        h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes()); h.update(b.labels.tobytes())
+        out.append([list(b.keys), h.hexdigest()])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("split,stop_after", [("node", 2), ("host", 4)])
+def test_resume_in_a_new_process_with_other_worker_count(store, split, stop_after):
+    with LocalCluster(store) as c:
+        with Loader(cluster=c, pipeline=PIPE, split=split, batch_size=8, seed=3, workers=2) as ld:
+            full = batch_digests(ld)[0]
+        with Loader(cluster=c, pipeline=PIPE, split=split, batch_size=8, seed=3, workers=2) as ld:
+            it = iter(ld)
+            for _ in range(stop_after):
+                next(it)
+            state = ld.state_dict()
+        out = subprocess.run([sys.executable, "-c", RESUME, c.spec.model_dump_json(), json.dumps(state), split, "1"],
+                             capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rest = [(k, h) for k, h in json.loads(out.stdout)]
+    assert rest == full[stop_after:]
+
+
+# -- 4. authentication and exposure ------------------------------------------------------------------
+
+
+def test_nodes_bind_loopback_by_default(store):
+    with LocalCluster(store, nodes=1) as c:
+        assert c.spec.nodes[0].uri.startswith("grpc://127.0.0.1:")
+
+
+def test_token_from_file_and_environment(store, tmp_path, monkeypatch):
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ps3cret\n")
+    with LocalCluster(store, nodes=1, token="t0ps3cret") as c:
+        spec = c.spec.model_copy(update={"token": None})
+        (tmp_path / CLUSTER_FILE).write_text(spec.model_dump_json())
+        with pytest.raises(NodeRequestError, match="missing or wrong token"):
+            Loader(cluster=spec, pipeline=PIPE, split="node")
+        monkeypatch.setenv("NEARSTORE_TOKEN_FILE", str(token_file))
+        loaded = ClusterSpec.load(tmp_path)
+        assert loaded.token == "t0ps3cret"
+        with Loader(cluster=loaded, pipeline=PIPE, split="node", batch_size=16) as ld:
+            assert sum(len(b) for b in ld) == 48  # 2 replicas on 2 nodes: node 0 holds every shard
+    monkeypatch.delenv("NEARSTORE_TOKEN_FILE")
+
+
+def test_tls_with_a_self_signed_certificate(store, tmp_path, reference):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    with LocalCluster(store, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"),
+                      tls_root_cert=str(tmp_path / "ca.pem"), token="tok") as c:
+        assert all(ep.uri.startswith("grpc+tls://127.0.0.1:") for ep in c.spec.nodes)
+        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8, seed=3) as ld:
+            assert batch_digests(ld)[0] == reference
+        ep = c.spec.nodes[0]
+        plain = ep.uri.replace("grpc+tls", "grpc")
+        with pytest.raises(NodeUnavailableError):
+            NodeClient(plain, node=0, token="tok", timeout=5).health()
+        other_ca = trustme.CA()
+        with pytest.raises(NodeUnavailableError):
+            NodeClient(ep.uri, node=0, token="tok", timeout=5, tls_root_certs=other_ca.cert_pem.bytes()).health()
+        with pytest.raises(NodeRequestError, match="missing or wrong token"):
+            NodeClient(ep.uri, node=0, timeout=5, tls_root_certs=ca.cert_pem.bytes()).health()
+
+
+# -- 5. fuzzing -----------------------------------------------------------------------------------------
+
+FUZZ_CASES = int(os.environ.get("NEARSTORE_FUZZ_CASES", "300"))
+
+
+def test_fuzzed_tickets_never_crash_a_node(store):
+    man = Manifest.load(store)
+    with LocalCluster(store, nodes=1) as c:
+        ep = c.spec.nodes[0]
+        r = fuzz_tickets(ep.uri, man.name, man.num_samples, cases=FUZZ_CASES, seed=1)
+        assert c.procs[0].poll() is None, "the node died"
+    assert r["cases"] == FUZZ_CASES
+    assert r["crashes"] == 0, r["examples"]
+    assert r["rejected"] > FUZZ_CASES // 4 and r["served"] > 0
+    assert r["good_request_after"]
+
+
+def test_fuzzed_store_files_are_clean_errors(store, tmp_path):
+    damaged = copy_store(store, tmp_path / "s")
+    r = fuzz_readers(damaged, cases=int(os.environ.get("NEARSTORE_FUZZ_FILES", "150")), seed=2)
+    assert r["crashes"] == 0 and r["wrong"] == 0, r["examples"]
+    assert r["rejected"] > 0 and set(r["by_file"]) >= {"tar", "arrow", "json"}
+
+
+# -- 6. crash-safe ingest ---------------------------------------------------------------------------------
+
+
+def test_ingest_kill_loop_always_leaves_a_consistent_store(tmp_path, image_folder):
+    other = tmp_path / "other"
+    synth_folder(other, SynthSpec(n=20, seed=99, classes=2), workers=1)
+    store = tmp_path / "store"
+    ingest(image_folder, store, nodes=2, replicas=2, shard_size=200_000)
+    r = ingest_kill_loop([other, image_folder], store, kills=int(os.environ.get("NEARSTORE_INGEST_KILLS", "4")),
+                         seed=5, max_delay=1.5)
+    assert r["inconsistent"] == 0, r["examples"]
+    assert r["kills"] == r["old_store"] + r["new_store"]
+
+
+# -- 7. load ---------------------------------------------------------------------------------------------
+
+
+def test_concurrent_loaders_share_fairly(store):
+    with LocalCluster(store) as c:
+        r = load_run(c, loaders=int(os.environ.get("NEARSTORE_LOAD_LOADERS", "4")),
+                     seconds=float(os.environ.get("NEARSTORE_LOAD_SECONDS", "4")))
+    assert not r["errors"], r["errors"]
+    assert len(r["samples_per_s"]) == r["loaders"] and min(r["samples_per_s"]) > 0
+    assert all(rss > 0 for rss in r["node_peak_rss_bytes"])
