@@ -217,6 +217,27 @@ def test_token_from_file_and_environment(store, tmp_path, monkeypatch):
     monkeypatch.delenv("NEARSTORE_TOKEN_FILE")
 
 
+def test_up_with_a_token_file_keeps_the_secret_out_of_the_cluster_file(store, tmp_path):
+    copy = copy_store(store, tmp_path / "s")
+    token_file = tmp_path / "token"
+    token_file.write_text("file-secret\n")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "nearstore.cli.main", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    r = run("up", str(copy), "--token-file", str(token_file))
+    assert r.returncode == 0, r.stderr
+    try:
+        assert "file-secret" not in (copy / CLUSTER_FILE).read_text()
+        spec = ClusterSpec.load(copy)
+        assert spec.token == "file-secret"
+        with pytest.raises(NodeRequestError, match="missing or wrong token"):
+            NodeClient(spec.nodes[0].uri, node=0).health()
+        with Loader(cluster=spec, pipeline=PIPE, split="node", batch_size=16) as ld:
+            assert sum(len(b) for b in ld) == 48
+    finally:
+        r = run("down", str(copy))
+    assert r.returncode == 0, r.stderr
+
+
 def test_tls_with_a_self_signed_certificate(store, tmp_path, reference):
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()

@@ -74,6 +74,8 @@ def failover_run(cluster: Any, pipeline: Any, *, kill_node: int = 0, kill_after:
         "duplicates": len(keys) - len(set(keys)),
         "bit_identical": faulty == clean,
         "failovers": len(stats["failovers"]),
+        "failover_batch_wait_s": max((e.get("batch_wait_s", 0.0) for e in stats["failovers"]), default=0.0),
+        "detected_s": min((e["detected_s"] for e in stats["failovers"]), default=0.0),
         "refetched": stats["refetched"],
         "stall_s": max(waits) - float(np.median(clean_waits)),
         "median_batch_s": float(np.median(clean_waits)),

@@ -124,22 +124,37 @@ def up(
     nodes: Optional[int] = typer.Option(None, help="how many node directories (default: all)"),
     link_mbps: Optional[float] = typer.Option(None, help="per-node link cap in MB/s (10^6 bytes/s)"),
     workers_per_node: int = typer.Option(2, help="op threads per node"),
+    host: str = typer.Option("127.0.0.1", help="address the nodes bind (default: loopback only)"),
     token: Optional[str] = typer.Option(None, envvar="NEARSTORE_TOKEN", help="require this token"),
+    token_file: Optional[Path] = typer.Option(None, help="require the token in this file (it is not copied into "
+                                              "the cluster file; loaders read the file)"),
+    tls_cert: Optional[Path] = typer.Option(None, help="serve TLS with this PEM certificate"),
+    tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert"),
+    tls_root_cert: Optional[Path] = typer.Option(None, help="CA loaders verify the nodes against "
+                                                 "(default: --tls-cert, for a self-signed certificate)"),
 ) -> None:
     """Start a local cluster (one node process per node directory) and write STORE/cluster.json."""
-    from nearstore.node.cluster import CLUSTER_FILE, start_cluster
+    from nearstore.node.cluster import CLUSTER_FILE, read_token_file, start_cluster
 
     if (store / CLUSTER_FILE).exists():
         raise typer.BadParameter(f"{store / CLUSTER_FILE} exists: run `nearstore down {store}` first")
+    secret = read_token_file(token_file) if token_file else token
     spec, procs = start_cluster(store, nodes=nodes, link_mbps=link_mbps, workers_per_node=workers_per_node,
-                                token=token, detach=True)
+                                token=secret, host=host, tls_cert=_opt_str(tls_cert), tls_key=_opt_str(tls_key),
+                                tls_root_cert=_opt_str(tls_root_cert), detach=True)
     for p in procs:
         if p.stdout:
             p.stdout.close()
+    if token_file:
+        spec = spec.model_copy(update={"token": None, "token_file": str(token_file.resolve())})
     spec.save(store / CLUSTER_FILE)
     for ep in spec.nodes:
         console.print(f"node {ep.node}: {ep.uri} (pid {ep.pid})")
     console.print(f"cluster file: {store / CLUSTER_FILE}; stop with `nearstore down {store}`")
+
+
+def _opt_str(p: Optional[Path]) -> Optional[str]:
+    return str(p.resolve()) if p is not None else None
 
 
 @app.command()

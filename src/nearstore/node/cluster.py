@@ -47,13 +47,14 @@ class ClusterSpec(BaseModel):
     dataset: str
     nodes: list[NodeEndpoint]
     token: str | None = None
+    token_file: str | None = None  # read at load time; keeps the secret out of the cluster file
     tls_root_cert: str | None = None  # PEM file the nodes' certificates chain to (grpc+tls:// endpoints)
     link_mbps: float | None = None
     workers_per_node: int = 2
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterSpec":
-        """Read a cluster file; the token may instead come from NEARSTORE_TOKEN or NEARSTORE_TOKEN_FILE."""
+        """Read a cluster file; the token is in it, in its ``token_file``, in NEARSTORE_TOKEN or NEARSTORE_TOKEN_FILE."""
         path = Path(path)
         if path.is_dir():
             path = path / CLUSTER_FILE
@@ -61,7 +62,7 @@ class ClusterSpec(BaseModel):
             raise StoreError(f"no cluster file at {path}: start the nodes with `nearstore up {path.parent}`")
         spec = cls.model_validate_json(path.read_text())
         if spec.token is None:
-            spec.token = token_from_env()
+            spec.token = read_token_file(spec.token_file) if spec.token_file else token_from_env()
         return spec
 
     def root_certs(self) -> bytes | None:
