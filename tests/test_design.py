@@ -13,8 +13,8 @@ from nearstore.design import CatalogError, SEED_DESIGNS, load_catalog, storage_c
 
 def test_seed_figures_from_component_specs():
     checks = validate(load_catalog())
-    assert [c.ok for c in checks] == [True, True, True]
-    got = {c.name.split(":")[0]: c.computed for c in checks}
+    assert all(c.ok for c in checks) and len(checks) == 6
+    got = {c.name.split(":")[0]: c.computed for c in checks[:3]}
     assert got == pytest.approx({"smart_ebof": 37.5, "smart_nvme_2u": 153.6, "nvdimm": 19.2})
 
 
@@ -64,6 +64,139 @@ def test_validate_fails_when_a_spec_changes(tmp_path):
     assert bad.returncode == 1
     table = run("--json", str(tmp_path / "t.json"))
     rows = json.loads((tmp_path / "t.json").read_text())["designs"]
-    assert {r["design"]: round(r["gb_per_s"], 1) for r in rows} == {"smart_ebof": 37.5, "smart_nvme_2u": 153.6,
-                                                                    "nvdimm": 19.2}
+    assert {r["arch"]: round(r["gb_per_s_per_2u"], 1) for r in rows} == {
+        "host_gpu_server": 51.2, "smart_ebof": 37.5, "smart_nvme_2u": 153.6, "nvdimm": 19.2}
     assert table.returncode == 0
+
+
+# -- workloads, architectures, the designer ------------------------------------------------------
+
+from nearstore.design import (ARCHITECTURES, ComputeTier, accelerators_fed, assess, emulated_demand,  # noqa: E402
+                              load_workloads, pareto, splits)
+
+
+@pytest.fixture(scope="module")
+def cat():
+    return load_catalog()
+
+
+@pytest.fixture(scope="module")
+def wl():
+    return load_workloads()
+
+
+def test_catalog_has_every_kind_the_designer_needs(cat):
+    assert {"v100", "a100", "h100", "h200", "edge-tpu", "jetson-orin-nx", "alveo-u250"} <= set(cat.accelerator)
+    assert {"nvdimm-n-32", "pmem-256"} <= set(cat.memory_module) and cat.ebof and cat.computational_drive
+    assert set(cat.nic) == {"25gbe", "100gbe", "200gbe", "400gbe"} and cat.cpu and cat.gpu_server
+    assert all(len(c.source) > 10 for kind in ("accelerator", "cpu", "computational_drive")
+               for c in getattr(cat, kind).values())
+
+
+def test_mlperf_demand_is_computed_from_the_emulation(cat):
+    h = emulated_demand(cat, "h100-mlperf")
+    assert h["samples_per_s"] == pytest.approx(400 / 0.224) and h["bytes_per_s"] == pytest.approx(400 / 0.224 * 114660)
+    assert emulated_demand(cat, "a100-mlperf")["samples_per_s"] == pytest.approx(400 / 0.435)
+    assert all(c.ok for c in validate(cat)) and len(validate(cat)) == 6
+
+
+def test_hand_computed_design(cat, wl):
+    """8 H100 in one server with 2 x 56 cores: 112 cores / 3.0 ms per image = 37,333 images/s, CPU-bound."""
+    a = assess(ARCHITECTURES["host_gpu_server"](cat), wl["resnet50-train"])
+    assert a.samples_per_s == pytest.approx(112 / 0.0030)
+    assert a.bottleneck == "host_cpu" and a.feasible and a.link_bytes_per_sample == 0
+    gpu = 8 * 989e12 / 2 * 0.18 / (3 * 3.9e9)
+    assert a.utilization["gpu"] == pytest.approx(a.samples_per_s / gpu, rel=1e-3)
+    assert a.epoch_s == pytest.approx(1281167 / a.samples_per_s)
+    assert a.energy_per_epoch_kwh == pytest.approx(a.watts * a.epoch_s / 3.6e6)
+
+
+def test_capacity_and_memory_make_designs_infeasible_with_the_reason(cat, wl):
+    a = assess(ARCHITECTURES["nvdimm"](cat), wl["resnet50-train"])
+    assert not a.feasible and a.samples_per_s == 0
+    assert any("resident on media, which has 32.0 GB" in r for r in a.reasons)
+    big = assess(ARCHITECTURES["nvdimm"](cat, module="pmem-256", modules=2), wl["resnet50-train"])
+    assert big.feasible
+    # an Edge TPU on the memory bus cannot hold ResNet-50's parameters: that split is infeasible
+    tiny = assess(ARCHITECTURES["nvdimm"](cat, module="pmem-256", modules=2, accelerator="edge-tpu"),
+                  wl["resnet50-infer"])
+    storage_model = [x for x in tiny.alternatives if "resnet50" in x["storage_side"]][0]
+    assert not storage_model["feasible"] and "resident on storage_accel" in storage_model["reasons"][0]
+
+
+def test_small_in_storage_accelerators_lose_to_the_gpus_on_a_big_model(cat, wl):
+    a = assess(ARCHITECTURES["smart_nvme_2u"](cat, drive="csd-gen4-fpga"), wl["resnet50-infer"])
+    by_side = {"+".join(x["storage_side"]): x for x in a.alternatives}
+    in_storage = by_side["read+preprocess+resnet50"] if "read+preprocess+resnet50" in by_side else None
+    on_host = by_side["read"]
+    assert in_storage is None or in_storage["samples_per_s"] < on_host["samples_per_s"]
+    assert a.storage_side == ["read"]
+
+
+def test_near_storage_wins_on_large_samples(cat, wl):
+    """UNet3D: cropping 140 MB volumes next to the drives sends 10.5 MB per sample instead of 140 MB."""
+    u = wl["unet3d-train"]
+    ebof = accelerators_fed(ARCHITECTURES["smart_ebof"], cat, u, accelerator="h100")
+    smart = accelerators_fed(ARCHITECTURES["smart_nvme_2u"], cat, u, accelerator="h100")
+    assert smart["fed"] > 2 * ebof["fed"] and smart["storage_side"] == ["read", "preprocess"]
+    assert ebof["limited_by"] == "ethernet"
+
+
+def test_accelerators_fed_is_the_largest_n_at_au_90(cat, wl):
+    r = accelerators_fed(ARCHITECTURES["smart_ebof"], cat, wl["resnet50-train"], accelerator="h100-mlperf")
+    n = r["fed"]
+    assert r["au"] >= 0.9
+    more = assess(ARCHITECTURES["smart_ebof"](cat, tier=ComputeTier(gpus=n + 1, gpu="h100-mlperf",
+                                                                      emulated_macs=3 * 3.9e9)), wl["resnet50-train"])
+    assert more.utilization["gpu"] < 0.9
+    # 37.5 GB/s of uplinks / 115 KB per image / (0.9 x 1,786 images/s per accelerator)
+    assert n == int(37.5e9 / 115000 / (0.9 * 400 / 0.224))
+
+
+def test_more_storage_never_lowers_throughput(cat, wl):
+    for name, grid in (("smart_ebof", [{"drives": d} for d in (4, 8, 16, 24)]),
+                       ("smart_nvme_2u", [{"drives": d} for d in (4, 8, 16, 24)])):
+        rates = [assess(ARCHITECTURES[name](cat, **g), wl["unet3d-train"]).samples_per_s for g in grid]
+        assert rates == sorted(rates), (name, rates)
+
+
+def test_splits_follow_what_each_side_can_run(cat, wl):
+    w = wl["features-head"]
+    assert splits(ARCHITECTURES["host_gpu_server"](cat), w) == [0]
+    assert splits(ARCHITECTURES["smart_ebof"](cat), w) == [0, 1]
+    assert splits(ARCHITECTURES["smart_nvme_2u"](cat), w) == [0, 1, 2, 3]
+
+
+def test_pareto_front():
+    pts = [{"cost": 1, "samples_per_s": 1}, {"cost": 2, "samples_per_s": 3}, {"cost": 3, "samples_per_s": 2},
+           {"cost": 2, "samples_per_s": 3.5}]
+    assert pareto(pts, "cost") == [True, False, False, True]
+
+
+def test_workload_file_errors_name_file_workload_and_field(tmp_path):
+    f = tmp_path / "w.yaml"
+    f.write_text("- name: mine\n  description: x\n  dataset_samples: 10\n  sample_bytes: -1\n  epochs: 1\n"
+                 "  source: my notes\n  stages: []\n")
+    with pytest.raises(CatalogError, match=r"w.yaml: workload 'mine': field sample_bytes: .*greater than 0"):
+        load_workloads(f)
+
+
+def test_design_cli_table_plot_and_fed(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "nearstore.cli.main", "design", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    r = run("--workload", "unet3d-train", "--json", str(tmp_path / "d.json"), "--plot", str(tmp_path / "d.png"))
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert {x["arch"] for x in d["designs"]} == set(ARCHITECTURES)
+    for key in ("gb_per_s_per_2u", "samples_per_s", "bottleneck", "epoch_s", "watts", "energy_per_epoch_kwh",
+                "rack_units", "cost_usd", "samples_per_s_per_w", "samples_per_s_per_kusd"):
+        assert all(key in x for x in d["designs"])
+    assert d["verdict"]["buy"] in ARCHITECTURES and len(d["variants"]) > 10
+    assert (tmp_path / "d.png").stat().st_size > 10_000
+    r = run("--accelerators-fed", "--accelerator", "a100-mlperf", "--arch", "smart_ebof,smart_nvme_2u",
+            "--json", str(tmp_path / "f.json"))
+    assert r.returncode == 0, r.stderr
+    fed = json.loads((tmp_path / "f.json").read_text())["designs"]
+    assert [x["arch"] for x in fed] == ["smart_ebof", "smart_nvme_2u"] and all(x["fed"] > 100 for x in fed)
+    bad = run("--arch", "warp_drive")
+    assert bad.returncode == 2 and "arch must be 'all' or among" in bad.stdout + bad.stderr

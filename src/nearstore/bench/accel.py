@@ -19,30 +19,26 @@ from nearstore.node.client import NodeClient
 from nearstore.node.cluster import ClusterSpec, LocalCluster
 from nearstore.ops.pipeline import Pipeline
 
-__all__ = ["emulated_training", "split_sweep", "EMULATED_ACCELERATORS", "step_time_for"]
-
-#: Per-batch compute times used by MLPerf Storage's DLIO accelerator emulation for ResNet-50
-#: training (batch 400): H100 0.224 s, A100 0.435 s (MLPerf Storage v1.0 ResNet-50 workload;
-#: figures as quoted in issue #5). The designer's catalog will supersede this table.
-EMULATED_ACCELERATORS: dict[str, dict[str, dict]] = {
-    "h100": {"resnet50": {"batch": 400, "step_seconds": 0.224,
-                          "source": "MLPerf Storage v1.0, ResNet-50 (DLIO), H100 emulation"}},
-    "a100": {"resnet50": {"batch": 400, "step_seconds": 0.435,
-                          "source": "MLPerf Storage v1.0, ResNet-50 (DLIO), A100 emulation"}},
-}
-
+__all__ = ["emulated_training", "split_sweep", "step_time_for"]
 
 def step_time_for(accel: str, model: str, batch_size: int) -> float:
-    """Emulated compute seconds for one batch of ``batch_size`` on ``accel`` (linear in batch size)."""
-    table = EMULATED_ACCELERATORS.get(accel.lower())
-    if table is None:
-        raise ConfigError(f"unknown accelerator {accel!r}; known: {', '.join(sorted(EMULATED_ACCELERATORS))}")
-    entry = table.get(model.lower())
-    if entry is None:
-        raise ConfigError(f"no emulation figure for model {model!r} on {accel}; known: {', '.join(sorted(table))}")
+    """Emulated compute seconds for one batch of ``batch_size`` on ``accel`` (linear in batch size).
+
+    The figures are the catalog's MLPerf Storage emulated accelerators
+    (``emulated_accelerator`` entries named ``<accel>-mlperf``), so the runtime
+    benchmark and the designer use the same numbers.
+    """
+    from nearstore.design.catalog import load_catalog
+
+    table = {name.removesuffix("-mlperf"): em for name, em in load_catalog().emulated_accelerator.items()}
+    em = table.get(accel.lower())
+    if em is None:
+        raise ConfigError(f"unknown accelerator {accel!r}; known: {', '.join(sorted(table))}")
+    if em.workload.split("-")[0] != model.lower():
+        raise ConfigError(f"no emulation figure for model {model!r} on {accel}; known: {em.workload.split('-')[0]}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-    return entry["step_seconds"] * batch_size / entry["batch"]
+    return em.step_s * batch_size / em.batch
 
 
 def _node_stats(spec: ClusterSpec) -> list[dict]:

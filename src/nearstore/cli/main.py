@@ -245,39 +245,39 @@ def demo(
 
 @app.command()
 def design(
+    workload: str = typer.Option("resnet50-train", help="resnet50-train, resnet50-infer, features-head, "
+                                 "preprocess-only, unet3d-train, or one from --workloads"),
+    arch: str = typer.Option("all", help="host_gpu_server, smart_ebof, smart_nvme_2u, nvdimm (comma list) or all"),
+    gpus: int = typer.Option(8, help="accelerators in the compute tier every design feeds"),
+    gpu: str = typer.Option("h100", help="catalog accelerator of the compute tier"),
     validate_: bool = typer.Option(False, "--validate", help="check the model against published figures; "
                                    "exit 1 if any check fails"),
+    accelerators_fed: bool = typer.Option(False, "--accelerators-fed", help="how many accelerators each design "
+                                          "keeps at AU >= 90%, preprocessing and offload included"),
+    accelerator: str = typer.Option("h100", help="with --accelerators-fed: a catalog accelerator or an MLPerf "
+                                    "emulated one (h100-mlperf, a100-mlperf)"),
     catalog: list[Path] = typer.Option([], "--catalog", help="extra catalog YAML files (override by name)"),
+    workloads: list[Path] = typer.Option([], "--workloads", help="extra workload YAML files"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: bars per design and Pareto fronts"),
 ) -> None:
-    """Storage designs from a hardware catalog (so far: the seed's three 2U designs and --validate)."""
-    from nearstore.design import SEED_DESIGNS, load_catalog, storage_compute_bandwidth, validate
+    """Size storage for a workload: each architecture's throughput, bottleneck, power, cost; plots; a verdict."""
+    from nearstore.cli.design import run_design, run_fed, run_validate
+    from nearstore.design import ComputeTier, load_catalog
 
-    cat = load_catalog(*catalog)
+    out = Console()
     if validate_:
-        checks = validate(cat)
-        t = Table(title="model vs published figures")
-        for col in ("check", "published", "computed", "error", "ok", "from"):
-            t.add_column(col)
-        for c in checks:
-            t.add_row(c.name, f"{c.expected:g}", f"{c.computed:.2f}", f"{c.error:.1%}",
-                      "[green]yes[/green]" if c.ok else "[red]NO[/red]", c.detail)
-        Console().print(t)
-        write_json(json_path, {"checks": [dict(c.__dict__, ok=c.ok, error=c.error) for c in checks]})
-        if not all(c.ok for c in checks):
+        ok, res = run_validate(load_catalog(*catalog), out)
+        write_json(json_path, res)
+        if not ok:
             raise typer.Exit(1)
         return
-    t = Table(title="storage <-> compute bandwidth per 2U (from catalog specs)")
-    for col in ("design", "GB/s", "limited by", "what"):
-        t.add_column(col)
-    rows = []
-    for name, make in SEED_DESIGNS.items():
-        d = make(cat)
-        bw, limit = storage_compute_bandwidth(d)
-        rows.append({"design": name, "gb_per_s": bw / 1e9, "limited_by": limit, "description": d.description})
-        t.add_row(name, f"{bw / 1e9:.1f}", limit, d.description)
-    Console().print(t)
-    write_json(json_path, {"designs": rows})
+    if accelerators_fed:
+        write_json(json_path, run_fed(load_catalog(*catalog), workload, arch, accelerator, out, tuple(workloads)))
+        return
+    res = run_design(catalogs=catalog, workload=workload, arch=arch, tier=ComputeTier(gpus=gpus, gpu=gpu), plot=plot,
+                     console=out, workload_files=tuple(workloads))
+    write_json(json_path, res)
 
 
 def main() -> None:

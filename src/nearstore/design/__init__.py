@@ -1,13 +1,20 @@
-"""The designer: a hardware catalog and architecture templates evaluated with ``nearstore.model``.
+"""The designer: a hardware catalog, workloads and architecture templates evaluated with ``nearstore.model``.
 
-Built so far: the catalog (validated, sourced), the seed's three 2U designs
-and ``validate`` against the seed's bandwidth figures. Workloads, the design
-table, plots and the planner are not built yet.
+- ``catalog``: validated, sourced component specs (YAML).
+- ``workloads``: per-sample stage demands of the workloads (YAML).
+- ``archs``: templates that turn catalog parts into a ``System`` (resources, sides, link).
+- ``designer``: every split of a workload on a system, the best one, accelerators fed, Pareto, verdict.
+- ``validate``: the model against published figures (``nearstore design --validate``).
 """
 
-from nearstore.design.archs import SEED_DESIGNS, Design, storage_compute_bandwidth
+from nearstore.design.archs import ARCHITECTURES, SEED_DESIGNS, ComputeTier, Side, System, storage_compute_bandwidth
 from nearstore.design.catalog import Catalog, CatalogError, load_catalog
+from nearstore.design.designer import (Assessment, accelerators_fed, assess, emulated_demand, pareto, splits,
+                                       stages_for, verdict)
 from nearstore.design.validate import SEED_FIGURES_GB_PER_S, Check, validate
+from nearstore.design.workloads import Workload, WorkloadStage, load_workloads
 
-__all__ = ["SEED_DESIGNS", "Design", "storage_compute_bandwidth", "Catalog", "CatalogError", "load_catalog",
-           "SEED_FIGURES_GB_PER_S", "Check", "validate"]
+__all__ = ["ARCHITECTURES", "SEED_DESIGNS", "ComputeTier", "Side", "System", "storage_compute_bandwidth", "Catalog",
+           "CatalogError", "load_catalog", "Assessment", "accelerators_fed", "assess", "emulated_demand", "pareto",
+           "splits", "stages_for", "verdict", "SEED_FIGURES_GB_PER_S", "Check", "validate", "Workload",
+           "WorkloadStage", "load_workloads"]

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nearstore.core.errors import ConfigError
 
-__all__ = ["CatalogError", "NvmeSsd", "Nic", "MemoryChannel", "Chassis", "Catalog", "load_catalog"]
+__all__ = ["CatalogError", "NvmeSsd", "Nic", "MemoryChannel", "Chassis", "Cpu", "Accelerator", "EmulatedAccelerator",
+           "ComputationalDrive", "Ebof", "MemoryModule", "GpuServer", "Catalog", "load_catalog"]
 
 
 class CatalogError(ConfigError):
@@ -63,8 +64,102 @@ class Chassis(_Component):
     max_watts: float = Field(gt=0)
 
 
-KINDS: dict[str, type[_Component]] = {"nvme_ssd": NvmeSsd, "nic": Nic, "memory_channel": MemoryChannel,
-                                      "chassis": Chassis}
+class Cpu(_Component):
+    """A CPU package. ``core_speed`` is relative to the reference core that measured workload op costs."""
+
+    cores: int = Field(ge=1)
+    core_speed: float = Field(gt=0, le=10)
+    watts: float = Field(gt=0)
+    price_usd: float = Field(ge=0)
+
+
+class Accelerator(_Component):
+    """A GPU or a small accelerator.
+
+    ``dense_tops``: dense fp16/bf16 tensor TFLOP/s for GPUs, int8 TOP/s for
+    small accelerators (1 MAC = 2 ops). ``mfu``: the fraction of that peak a
+    convnet step reaches (an assumption stated in ``source``; calibrate it).
+    """
+
+    category: Literal["gpu", "small"]
+    dense_tops: float = Field(gt=0)
+    memory_gb: float = Field(gt=0)
+    memory_gb_per_s: float = Field(gt=0)
+    watts: float = Field(gt=0)
+    price_usd: float = Field(ge=0)
+    mfu: float = Field(gt=0, le=1)
+    bytes_per_param: float = Field(2.0, gt=0, description="weights' precision on this device (2: fp16, 1: int8)")
+
+    @property
+    def macs_per_s(self) -> float:
+        return self.dense_tops * 1e12 / 2 * self.mfu
+
+
+class EmulatedAccelerator(_Component):
+    """An accelerator as MLPerf Storage emulates it: a fixed compute time per batch of a workload."""
+
+    workload: str
+    batch: int = Field(ge=1)
+    step_s: float = Field(gt=0)
+    record_bytes: int = Field(gt=0, description="bytes per sample in the benchmark's dataset")
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.batch / self.step_s
+
+
+class ComputationalDrive(_Component):
+    """An NVMe drive with compute inside: embedded cores and optionally an accelerator."""
+
+    read_gb_per_s: float = Field(gt=0, le=100)
+    capacity_tb: float = Field(gt=0)
+    cores: int = Field(ge=0)
+    core_speed: float = Field(gt=0, le=10)
+    accel_tops: float = Field(ge=0, description="int8 TOP/s of the drive's accelerator (0: none)")
+    accel_memory_gb: float = Field(ge=0)
+    accel_mfu: float = Field(0.3, gt=0, le=1)
+    watts: float = Field(gt=0)
+    price_usd: float = Field(ge=0)
+
+
+class Ebof(_Component):
+    """An Ethernet bunch of flash: Ethernet SSDs behind a switch, with a DPU's cores for storage-side work."""
+
+    drive_bays: int = Field(ge=1)
+    uplinks: int = Field(ge=1)
+    dpu_cores: int = Field(ge=0)
+    core_speed: float = Field(gt=0, le=10)
+    watts: float = Field(gt=0, description="enclosure, switch and DPU, without drives")
+    price_usd: float = Field(ge=0)
+    rack_units: int = Field(ge=1)
+
+
+class MemoryModule(_Component):
+    """A persistent memory module on a memory channel: NVDIMM-N (DRAM speed) or persistent memory."""
+
+    technology: Literal["nvdimm-n", "pmem"]
+    capacity_gb: float = Field(gt=0)
+    read_gb_per_s: float = Field(gt=0)
+    watts: float = Field(gt=0)
+    price_usd: float = Field(ge=0)
+
+
+class GpuServer(_Component):
+    """A compute node of the training tier."""
+
+    rack_units: int = Field(ge=1)
+    gpu_slots: int = Field(ge=1)
+    cpu_sockets: int = Field(ge=1)
+    drive_bays: int = Field(ge=0)
+    base_watts: float = Field(ge=0, description="fans, memory, board")
+    price_usd: float = Field(ge=0, description="chassis, board, memory; without CPUs, GPUs, drives")
+
+
+KINDS: dict[str, type[_Component]] = {
+    "nvme_ssd": NvmeSsd, "nic": Nic, "memory_channel": MemoryChannel, "chassis": Chassis, "cpu": Cpu,
+    "accelerator": Accelerator, "emulated_accelerator": EmulatedAccelerator,
+    "computational_drive": ComputationalDrive, "ebof": Ebof, "memory_module": MemoryModule, "gpu_server": GpuServer,
+}
 
 
 class Catalog(BaseModel):
@@ -73,12 +168,20 @@ class Catalog(BaseModel):
     nic: dict[str, Nic] = {}
     memory_channel: dict[str, MemoryChannel] = {}
     chassis: dict[str, Chassis] = {}
+    cpu: dict[str, Cpu] = {}
+    accelerator: dict[str, Accelerator] = {}
+    emulated_accelerator: dict[str, EmulatedAccelerator] = {}
+    computational_drive: dict[str, ComputationalDrive] = {}
+    ebof: dict[str, Ebof] = {}
+    memory_module: dict[str, MemoryModule] = {}
+    gpu_server: dict[str, GpuServer] = {}
 
     def get(self, kind: str, name: str) -> Any:
         table = getattr(self, kind)
-        if name not in table:
+        key = name.lower()
+        if key not in table:
             raise CatalogError(f"no {kind} named {name!r} in the catalog; known: {', '.join(sorted(table))}")
-        return table[name]
+        return table[key]
 
 
 def _parse(doc: Any, origin: str) -> dict[str, dict[str, _Component]]:
@@ -98,7 +201,7 @@ def _parse(doc: Any, origin: str) -> dict[str, dict[str, _Component]]:
             except ValidationError as exc:
                 problems = "; ".join(f"field {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 raise CatalogError(f"{origin}: {kind} {label!r}: {problems}") from None
-            out.setdefault(kind, {})[comp.name] = comp
+            out.setdefault(kind, {})[comp.name.lower()] = comp
     return out
 
 
