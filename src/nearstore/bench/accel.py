@@ -51,8 +51,13 @@ def _node_stats(spec: ClusterSpec) -> list[dict]:
 
 
 def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str, step_time: float,
-                      samples: int, batch_size: int = 64, workers: int = 2, seed: int = 0) -> dict:
-    """Run ``samples`` samples through Loader(cluster=spec) with a fixed compute time per batch."""
+                      samples: int, batch_size: int = 64, workers: int = 2, seed: int = 0,
+                      warmup_batches: int = 1) -> dict:
+    """Run ``samples`` samples through Loader(cluster=spec) with a fixed compute time per batch.
+
+    The first ``warmup_batches`` are not timed (start-up, and batches prefetched
+    before the timed window would otherwise inflate a short run's rate).
+    """
     before = _node_stats(spec)
     with Loader(cluster=spec, pipeline=pipeline, split=split, batch_size=batch_size, workers=workers,
                 seed=seed) as loader:
@@ -62,10 +67,15 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
         t_first = t_prev = None
         wire0 = 0
         node0: dict[int, int] = {}
+        warm = 0
         for batch in loader.epochs(None):
             now = time.perf_counter()
+            if warm < warmup_batches - 1:
+                warm += 1
+                time.sleep(step_time)
+                continue
             if t_first is None:
-                t_first = now  # the first step's wait (start-up) is excluded
+                t_first = now  # the warm-up steps' waits (start-up, prefetch) are excluded
                 wire0 = source.wire_bytes
                 node0 = dict(source.wire_by_node)
             else:

@@ -229,6 +229,57 @@ def bench(
     write_json(json_path, out)
 
 
+def _pipeline_arg(pipeline: str, normalize: bool):  # noqa: ANN202
+    from nearstore.ops.pipeline import Pipeline, standard_train
+
+    if pipeline == "standard_train":
+        return standard_train(normalize=normalize)
+    path = Path(pipeline)
+    if not path.exists():
+        raise typer.BadParameter(f"--pipeline is 'standard_train' or a JSON file with a list of ops; {path} does "
+                                 "not exist")
+    return Pipeline(json.loads(path.read_text()))
+
+
+@app.command()
+def plan(
+    cluster: Path = typer.Option(..., "--cluster", help="cluster file (or store dir with cluster.json)"),
+    pipeline: str = typer.Option("standard_train", help="'standard_train' or a JSON file listing the ops"),
+    normalize: bool = typer.Option(True, help="with standard_train: end with normalize"),
+    step_time: Optional[float] = typer.Option(None, help="seconds of accelerator compute per batch"),
+    accel: Optional[str] = typer.Option(None, help="emulate this accelerator (h100, a100) ..."),
+    model: str = typer.Option("resnet50", help="... running this model"),
+    batch_size: int = typer.Option(64),
+    workers: int = typer.Option(2, help="host op threads of the loader"),
+    samples: int = typer.Option(32, help="samples each node and the host profile"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Profile the nodes, the host and the link; predict every split with the model; choose one."""
+    from nearstore.node.cluster import ClusterSpec
+    from nearstore.plan import plan as make_plan
+
+    if step_time is not None and accel is not None:
+        raise typer.BadParameter("give at most one of --step-time S or --accel NAME")
+    if accel is not None:
+        from nearstore.bench.accel import step_time_for
+
+        step_time = step_time_for(accel, model, batch_size)
+    pipe = _pipeline_arg(pipeline, normalize)
+    with console.status("profiling nodes, host and link"):
+        p = make_plan(ClusterSpec.load(cluster), pipe, host_workers=workers, step_time=step_time,
+                      batch_size=batch_size, samples=samples)
+    t = Table(title="predicted throughput per split (ops[:split] run on the nodes)")
+    for col in ("split", "on the nodes", "samples/s", "bottleneck", "bytes/sample on link"):
+        t.add_column(col, justify="right" if col in ("samples/s", "bytes/sample on link") else "left")
+    for pr in p.predictions:
+        mark = " *" if pr.split == p.choice else ""
+        t.add_row(f"{pr.split}{mark}", "+".join(pr.node_stages) or "-", f"{pr.samples_per_s:,.0f}", pr.bottleneck,
+                  f"{pr.bytes_per_sample:,.0f}")
+    Console().print(t)
+    console.print(f"[bold]choice:[/bold] {p.reason}")
+    write_json(json_path, p.as_dict())
+
+
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo-out"), help="where to put the data and results"),

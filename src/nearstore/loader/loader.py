@@ -137,12 +137,18 @@ class Loader:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
+        self.plan = None  # with split="auto": the planner's Plan (choice, reason, predictions)
         if cluster is not None:
             from nearstore.node.client import ClusterSource
             from nearstore.node.cluster import ClusterSpec
 
             spec = getattr(cluster, "spec", cluster)
             spec = spec if isinstance(spec, ClusterSpec) else ClusterSpec.load(spec)
+            if split == "auto":  # measure the cluster and let the model choose (see nearstore.plan)
+                from nearstore.plan import plan
+
+                self.plan = plan(spec, self.pipeline, host_workers=workers, batch_size=batch_size)
+                split = self.plan.choice
             source = ClusterSource(spec, self.pipeline, split)
         elif split not in ("host", 0):
             raise ConfigError(f"split={split!r} needs a cluster: ops run on storage nodes only when "

@@ -129,6 +129,7 @@ class NodeOptions(BaseModel):
     host: str = "127.0.0.1"
     tls_cert: str | None = None
     tls_key: str | None = None
+    slowdown: float = 1.0
 
     @property
     def scheme(self) -> str:
@@ -146,6 +147,8 @@ def start_node(store: Path, n: int, opts: NodeOptions, *, port: int = 0, detach:
         cmd += ["--link-mbps", str(opts.link_mbps)]
     if opts.tls_cert:
         cmd += ["--tls-cert", opts.tls_cert, "--tls-key", opts.tls_key or ""]
+    if opts.slowdown != 1.0:
+        cmd += ["--slowdown", str(opts.slowdown)]
     env = dict(os.environ)
     if opts.token:
         env["NEARSTORE_TOKEN"] = opts.token
@@ -185,7 +188,8 @@ def wait_healthy(spec: ClusterSpec, endpoints: list[NodeEndpoint], timeout: floa
 def start_cluster(store: str | Path, *, nodes: int | None = None, link_mbps: float | None = None,
                   workers_per_node: int = 2, token: str | None = None, host: str = "127.0.0.1",
                   tls_cert: str | None = None, tls_key: str | None = None, tls_root_cert: str | None = None,
-                  detach: bool = False, timeout: float = 60.0) -> tuple[ClusterSpec, list[subprocess.Popen]]:
+                  slowdown: float = 1.0, detach: bool = False,
+                  timeout: float = 60.0) -> tuple[ClusterSpec, list[subprocess.Popen]]:
     """Start one node process per node directory and wait until each answers ``health``.
 
     With ``tls_cert``/``tls_key`` the nodes speak TLS; ``tls_root_cert`` (default: the
@@ -201,7 +205,7 @@ def start_cluster(store: str | Path, *, nodes: int | None = None, link_mbps: flo
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("tls_cert and tls_key go together: give both (PEM files) or neither")
     opts = NodeOptions(link_mbps=link_mbps, workers_per_node=workers_per_node, token=token, host=host,
-                       tls_cert=tls_cert, tls_key=tls_key)
+                       tls_cert=tls_cert, tls_key=tls_key, slowdown=slowdown)
     procs: list[subprocess.Popen] = []
     endpoints: list[NodeEndpoint] = []
     try:
@@ -274,13 +278,13 @@ class LocalCluster:
 
     def __init__(self, store: str | Path, *, nodes: int | None = None, link_mbps: float | None = None,
                  workers_per_node: int = 2, token: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, tls_root_cert: str | None = None) -> None:
+                 tls_key: str | None = None, tls_root_cert: str | None = None, slowdown: float = 1.0) -> None:
         self.store = Path(store)
         self.spec, self.procs = start_cluster(store, nodes=nodes, link_mbps=link_mbps,
                                               workers_per_node=workers_per_node, token=token, tls_cert=tls_cert,
-                                              tls_key=tls_key, tls_root_cert=tls_root_cert)
+                                              tls_key=tls_key, tls_root_cert=tls_root_cert, slowdown=slowdown)
         self._opts = NodeOptions(link_mbps=link_mbps, workers_per_node=workers_per_node, token=token,
-                                 tls_cert=tls_cert, tls_key=tls_key)
+                                 tls_cert=tls_cert, tls_key=tls_key, slowdown=slowdown)
 
     def kill(self, n: int) -> None:
         proc = self.procs[n]

@@ -111,9 +111,12 @@ class NodeServer(flight.FlightServerBase):
     def __init__(self, data: str | Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 2,
                  link_bytes_per_s: float | None = None, token: str | None = None,
                  tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
-                 allow_shutdown: bool = False) -> None:
+                 slowdown: float = 1.0, allow_shutdown: bool = False) -> None:
         if workers < 1:
             raise ConfigError(f"workers must be >= 1 (got {workers})")
+        if slowdown < 1.0:
+            raise ConfigError(f"slowdown must be >= 1 (1: full speed; got {slowdown})")
+        self.slowdown = slowdown
         if link_bytes_per_s is not None and link_bytes_per_s <= 0:
             raise ConfigError(f"link cap must be > 0 bytes/s (got {link_bytes_per_s})")
         self.store = Store.node(data)
@@ -186,12 +189,21 @@ class NodeServer(flight.FlightServerBase):
             out = pipe.run(data, key=ref.key, seed=seed, epoch=epoch, timings=timings) if pipe.ops else data
         except SampleDecodeError as exc:
             return self._row_error(sample, ref.key, ref.label, "decode", exc)
+        self._slow(timings)
         with self.stats.lock:
             self.stats.read_seconds += t1 - t0
             self.stats.read_bytes += len(data)
             for k, v in timings.items():
                 self.stats.op_seconds[k] = self.stats.op_seconds.get(k, 0.0) + v
         return sample, ref.key, ref.label, out, None, None
+
+    def _slow(self, timings: dict[str, float]) -> None:
+        """Emulate a weaker node CPU: ops take ``slowdown`` times as long (the extra is idle time)."""
+        if self.slowdown > 1.0 and timings:
+            extra = {k: v * (self.slowdown - 1.0) for k, v in timings.items()}
+            time.sleep(sum(extra.values()))
+            for k, v in extra.items():
+                timings[k] += v
 
     def _row_error(self, sample: int, key: str, label: int, kind: str, exc: Exception) -> tuple:
         with self.stats.lock:
@@ -275,6 +287,7 @@ class NodeServer(flight.FlightServerBase):
             held = [s.name for i, s in enumerate(man.shards) if self.store.holds(i)]
             result = {"ok": True, "node": self.node_id, "dataset": man.name, "samples": man.num_samples,
                       "shards_held": len(held), "workers": self.workers, "link_bytes_per_s": self.link.rate,
+                      "slowdown": self.slowdown,
                       "pid": os.getpid()}
         elif kind == "stats":
             result = self.stats.snapshot()
@@ -313,7 +326,10 @@ class NodeServer(flight.FlightServerBase):
             read_s += time.perf_counter() - t0
             raw += len(x)
             for st in pipe.stages:
-                y = pipe.run(x, key=ref.key, seed=0, epoch=0, start=st.start, stop=st.stop, timings=stage_s)
+                t = {st.name: 0.0}
+                y = pipe.run(x, key=ref.key, seed=0, epoch=0, start=st.start, stop=st.stop, timings=t)
+                self._slow(t)
+                stage_s[st.name] += t[st.name]
                 out_bytes[st.name] += y.nbytes if hasattr(y, "nbytes") else len(y)
                 x = y
         k = max(len(ids), 1)
@@ -339,13 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-file", default=None, help="require the bearer token stored in this file")
     ap.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate (needs --tls-key)")
     ap.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    ap.add_argument("--slowdown", type=float, default=1.0,
+                    help="emulate a weaker CPU: ops take this many times as long (default 1)")
     ap.add_argument("--allow-shutdown", action="store_true", help="honour the shutdown action")
     args = ap.parse_args(argv)
     try:
         token = args.token or (read_token_file(args.token_file) if args.token_file else token_from_env())
         server = NodeServer(args.data, host=args.host, port=args.port, workers=args.workers,
                             link_bytes_per_s=args.link_mbps * 1e6 if args.link_mbps else None, token=token,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key, allow_shutdown=args.allow_shutdown)
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, slowdown=args.slowdown,
+                            allow_shutdown=args.allow_shutdown)
     except NearstoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

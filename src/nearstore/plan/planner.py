@@ -1,0 +1,247 @@
+"""Measure a cluster, predict every split with the one model, choose.
+
+Resources (``nearstore.model.Resource``), per split k (ops[:k] on the nodes):
+
+- ``node<i>``: node i runs ``workers`` op threads (W thread-seconds/s); demand:
+  its share of the samples x (read + node stages + per-byte send cost), from
+  its own profile (nodes hold different shards, so shares and sizes differ).
+- ``host_threads``: the loader's ``workers`` op threads; demand: host stages
+  + the per-byte receive cost (crc check, batch assembly, gRPC).
+- ``cpu``: when nodes and loader share a machine (loopback endpoints), its
+  effective cores, measured; demand: everything above.
+- ``link<i>``: node i's link at the cap (when capped); demand: its share of
+  the samples x bytes per sample on the wire at this split.
+- ``accelerator``: batch / step time samples/s; demand: 1 per sample.
+
+Per-stage seconds come from the nodes' ``profile`` action and from running
+the same stages on the host; bytes from the pipeline's declared specs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+import numpy as np
+
+from nearstore.core.checksum import crc32c
+from nearstore.core.errors import ConfigError
+from nearstore.model.core import Resource, Stage, evaluate
+from nearstore.ops.pipeline import Pipeline, input_spec_of
+
+__all__ = ["Measurements", "SplitPrediction", "Plan", "measure", "predict", "plan", "ROW_OVERHEAD_BYTES"]
+
+#: Arrow framing per row besides the data (sample, key, label, shape, crc, offsets), measured on our batches
+ROW_OVERHEAD_BYTES = 96
+
+
+@dataclass
+class Measurements:
+    """What the planner knows about a cluster, all measured (or given: link cap, step time)."""
+
+    nodes: int
+    node_workers: int
+    host_workers: int
+    colocated: bool
+    cores: float  # effective parallel cores of the machine the loader runs on
+    link_bytes_per_s: float | None  # per node; None: not a constraint
+    raw_bytes: float  # stored bytes per sample
+    stage_names: list[str]
+    stage_stops: list[int]  # op index after each stage
+    node_share: list[float]  # fraction of the samples each node serves (its primary shards)
+    node_raw_bytes: list[float]  # mean stored bytes of each node's samples
+    node_read_s: list[float]  # seconds per sample to read and verify, per node
+    node_stage_s: list[list[float]]  # per node, per stage
+    node_slowdown: list[float]  # emulated weaker CPUs: that factor of the node's op time is idle, not CPU
+    host_stage_s: list[float]
+    out_bytes: list[float]  # bytes per sample after each stage
+    send_s_per_byte: float
+    recv_s_per_byte: float
+    step_time: float | None = None
+    batch_size: int = 64
+
+    def wire_bytes(self, k: int, node: int | None = None) -> float:
+        if k == 0:
+            return (self.raw_bytes if node is None else self.node_raw_bytes[node]) + ROW_OVERHEAD_BYTES
+        return self.out_bytes[self.stage_stops.index(k)] + ROW_OVERHEAD_BYTES
+
+
+@dataclass
+class SplitPrediction:
+    split: int
+    node_stages: list[str]
+    samples_per_s: float
+    bottleneck: str
+    bytes_per_sample: float
+    utilization: dict[str, float]
+
+
+@dataclass
+class Plan:
+    choice: int
+    reason: str
+    predictions: list[SplitPrediction]
+    measurements: Measurements = field(repr=False)
+
+    def as_dict(self) -> dict:
+        return {"choice": self.choice, "reason": self.reason, "predictions": [asdict(p) for p in self.predictions],
+                "measurements": asdict(self.measurements)}
+
+
+def predict(m: Measurements) -> list[SplitPrediction]:
+    """Evaluate every valid split with the model."""
+    res = [Resource(name=f"node{i}", rate=m.node_workers, unit="thread-s") for i in range(m.nodes)]
+    res.append(Resource(name="host_threads", rate=m.host_workers, unit="thread-s"))
+    if m.colocated:
+        res.append(Resource(name="cpu", rate=m.cores, unit="core-s"))
+    if m.link_bytes_per_s:
+        res += [Resource(name=f"link{i}", rate=m.link_bytes_per_s) for i in range(m.nodes)]
+    if m.step_time:
+        res.append(Resource(name="accelerator", rate=m.batch_size / m.step_time, unit="sample"))
+    out = []
+    for k in [0, *m.stage_stops]:
+        on_node = [i for i, stop in enumerate(m.stage_stops) if stop <= k]
+        demands: dict[str, float] = {}
+        cpu = 0.0
+        for n in range(m.nodes):
+            wire_n = m.wire_bytes(k, n)
+            t = m.node_share[n] * (m.node_read_s[n] + sum(m.node_stage_s[n][i] for i in on_node)
+                                   + wire_n * m.send_s_per_byte)
+            demands[f"node{n}"] = t
+            cpu += t / m.node_slowdown[n]
+            if m.link_bytes_per_s:
+                demands[f"link{n}"] = m.node_share[n] * wire_n
+        wire = sum(m.node_share[n] * m.wire_bytes(k, n) for n in range(m.nodes))
+        host = sum(s for i, s in enumerate(m.host_stage_s) if i not in on_node) + wire * m.recv_s_per_byte
+        demands["host_threads"] = host
+        if m.colocated:
+            demands["cpu"] = cpu + host
+        if m.step_time:
+            demands["accelerator"] = 1.0
+        ev = evaluate(res, [Stage(name=f"split {k}", demands=demands)])
+        out.append(SplitPrediction(split=k, node_stages=[m.stage_names[i] for i in on_node],
+                                   samples_per_s=ev.samples_per_s, bottleneck=ev.bottleneck or "-",
+                                   bytes_per_sample=wire,
+                                   utilization={n: round(u, 3) for n, u in ev.utilization.items()}))
+    return out
+
+
+def choose(preds: list[SplitPrediction]) -> tuple[int, str]:
+    """The fastest split; within 3% of it, the one that moves fewer bytes (ties favour less link use)."""
+    best = max(p.samples_per_s for p in preds)
+    near = [p for p in preds if p.samples_per_s >= 0.97 * best]
+    pick = min(near, key=lambda p: (p.bytes_per_sample, -p.samples_per_s))
+    where = "+".join(pick.node_stages) if pick.node_stages else "nothing"
+    others = ", ".join(f"split {p.split}: {p.samples_per_s:,.0f}/s ({p.bottleneck})" for p in preds if p is not pick)
+    reason = (f"split {pick.split} (nodes run {where}): {pick.samples_per_s:,.0f} samples/s predicted, "
+              f"bound by {pick.bottleneck}, {pick.bytes_per_sample:,.0f} B/sample on the link; vs {others}")
+    return pick.split, reason
+
+
+# -- measuring -----------------------------------------------------------------------------------------
+
+
+def _per_byte_seconds() -> tuple[float, float]:
+    """(send, receive) CPU seconds per byte: a crc32c and a copy on each side, plus gRPC's copy."""
+    buf = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8)
+    dst = np.empty_like(buf)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        crc32c(buf)
+    crc = (time.perf_counter() - t0) / (3 * buf.nbytes)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        np.copyto(dst, buf)
+    copy = (time.perf_counter() - t0) / (3 * buf.nbytes)
+    return crc + 2 * copy, crc + 2 * copy
+
+
+def _burn(reps: int) -> float:
+    """A CPU-bound kernel (zlib on incompressible-ish bytes); returns its own wall time."""
+    data = np.random.default_rng(1).integers(0, 64, 1 << 20, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        zlib.compress(data, 6)
+    return time.perf_counter() - t0
+
+
+def effective_cores(*, processes: int | None = None, reps: int = 8) -> float:
+    """How many cores ``processes`` concurrent processes really get, measured (a VM's vCPUs may share)."""
+    processes = processes or os.cpu_count() or 1
+    alone = min(_burn(reps) for _ in range(2))
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(processes) as pool:
+        t0 = time.perf_counter()
+        pool.map(_burn, [reps] * processes)
+        together = time.perf_counter() - t0
+    return max(1.0, min(float(processes), processes * alone / together))
+
+
+def _loopback(uri: str) -> bool:
+    host = uri.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: float | None = None,  # noqa: ANN001
+            batch_size: int = 64, samples: int = 32) -> Measurements:
+    """Profile the cluster's nodes, this host and this machine for ``pipeline``."""
+    from nearstore.node.client import ClusterSource
+
+    spec = getattr(cluster, "spec", cluster)
+    src = ClusterSource(spec, pipeline, "host")
+    try:
+        ops = pipeline.to_json()
+        src_nodes = list(src.clients)
+        profiles = [c.profile(ops, n=samples) for c in src.clients.values()]
+        slowdown = [float(c.health().get("slowdown", 1.0)) for c in src.clients.values()]
+        man = src.manifest
+        ids = np.arange(min(samples, man.num_samples))
+        raw = [f for f in src.fetch(ids, epoch=0, seed=0) if f.error is None]
+    finally:
+        src.close()
+    if not raw:
+        raise ConfigError("the planner could not fetch any sample to profile the host with")
+    stages = pipeline.stages
+    names = [st.name for st in stages]
+    order = list(src_nodes)
+    node_s = [[p["stages"][i]["seconds"] for i in range(len(stages))] for p in profiles]
+    host_s = [0.0] * len(stages)
+    for f in raw:  # the same stages on this host
+        x = f.data
+        for i, st in enumerate(stages):
+            t0 = time.perf_counter()
+            x = pipeline.run(x, key=f.key, seed=0, epoch=0, start=st.start, stop=st.stop)
+            host_s[i] += time.perf_counter() - t0
+    host_s = [s / len(raw) for s in host_s]
+    specs = pipeline.declare(input_spec_of(man))
+    out_bytes = [float(specs[st.stop].bytes or profiles[0]["stages"][i]["out_bytes"]) for i, st in enumerate(stages)]
+    samples_by, bytes_by = {n: 0 for n in order}, {n: 0 for n in order}
+    for sh in man.shards:  # the loader asks a shard's first live replica
+        n = next(x for x in sh.nodes if x in samples_by)
+        samples_by[n] += sh.samples
+        bytes_by[n] += sh.payload_bytes
+    send, recv = _per_byte_seconds()
+    return Measurements(
+        nodes=len(spec.nodes), node_workers=spec.workers_per_node, host_workers=host_workers,
+        colocated=all(_loopback(ep.uri) for ep in spec.nodes), cores=effective_cores(),
+        link_bytes_per_s=spec.link_mbps * 1e6 if spec.link_mbps else None,
+        raw_bytes=man.mean_payload_bytes, stage_names=names, stage_stops=[st.stop for st in stages],
+        node_share=[samples_by[n] / man.num_samples for n in order],
+        node_raw_bytes=[bytes_by[n] / max(samples_by[n], 1) for n in order],
+        node_read_s=[p["read_seconds"] for p in profiles], node_stage_s=node_s, node_slowdown=slowdown,
+        host_stage_s=host_s,
+        out_bytes=out_bytes,
+        send_s_per_byte=send, recv_s_per_byte=recv, step_time=step_time, batch_size=batch_size,
+    )
+
+
+def plan(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: float | None = None,  # noqa: ANN001
+         batch_size: int = 64, samples: int = 32) -> Plan:
+    """Measure, predict every split, choose; ``Plan.reason`` says why in one line."""
+    m = measure(cluster, pipeline, host_workers=host_workers, step_time=step_time, batch_size=batch_size,
+                samples=samples)
+    preds = predict(m)
+    k, reason = choose(preds)
+    return Plan(choice=k, reason=reason, predictions=preds, measurements=m)

@@ -1,0 +1,95 @@
+"""The planner: the model fed by measurements of a real local cluster (real node processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nearstore import Loader, standard_train
+from nearstore.node import LocalCluster
+from nearstore.plan import Measurements, plan, predict
+from nearstore.store.ingest import ingest
+from nearstore.store.synth import SynthSpec, synth_folder
+
+pytestmark = pytest.mark.timeout(300)
+PIPE = standard_train(224)
+
+
+def _m(**kw) -> Measurements:
+    base = dict(nodes=2, node_workers=1, host_workers=2, colocated=False, cores=2.0, link_bytes_per_s=None,
+                raw_bytes=100_000.0, stage_names=["decode", "normalize"], stage_stops=[1, 2], node_share=[0.5, 0.5],
+                node_raw_bytes=[100_000.0, 100_000.0], node_read_s=[0.0, 0.0],
+                node_stage_s=[[0.004, 0.001], [0.004, 0.001]], node_slowdown=[1.0, 1.0], host_stage_s=[0.004, 0.001],
+                out_bytes=[150_000.0, 600_000.0], send_s_per_byte=0.0, recv_s_per_byte=0.0)
+    base.update(kw)
+    return Measurements(**base)
+
+
+def test_hand_computed_predictions():
+    """Two nodes x 1 thread, host 2 threads, 25 MB/s links; nothing else costs."""
+    m = _m(link_bytes_per_s=25e6)
+    by = {p.split: p for p in predict(m)}
+    # host-side: 2 host threads / 5 ms = 400/s (the links could carry 2 x 25e6 / 100,096 = 500/s)
+    assert by[0].samples_per_s == pytest.approx(400.0) and by[0].bottleneck == "host_threads"
+    wide = {p.split: p for p in predict(_m(link_bytes_per_s=25e6, host_workers=8))}
+    assert wide[0].samples_per_s == pytest.approx(2 * 25e6 / 100_096) and wide[0].bottleneck == "link0"
+    # decode on the nodes: node threads 1 / (0.5 x 4 ms) = 500/s; links 2 x 25e6 / 150,096 = 333/s
+    assert by[1].samples_per_s == pytest.approx(2 * 25e6 / 150_096) and by[1].bottleneck == "link0"
+    # without the cap, decode on the nodes: 500/s (node threads) vs host 2 / 1 ms... host does normalize only
+    open_ = {p.split: p for p in predict(_m())}
+    assert open_[1].samples_per_s == pytest.approx(500.0) and open_[1].bottleneck == "node0"
+    assert open_[0].samples_per_s == pytest.approx(2 / 0.005) and open_[0].bottleneck == "host_threads"
+
+
+def test_shares_and_shared_cores_enter_the_prediction():
+    m = _m(node_share=[0.75, 0.25], colocated=True, cores=1.5)
+    by = {p.split: p for p in predict(m)}
+    # node 0 serves 3/4 of the samples: 1 / (0.75 x 5 ms) = 267/s; the shared 1.5 cores: 1.5 / 5 ms = 300/s
+    assert by[2].samples_per_s == pytest.approx(1 / (0.75 * 0.005)) and by[2].bottleneck == "node0"
+    assert by[0].samples_per_s == pytest.approx(1.5 / 0.005) and by[0].bottleneck == "cpu"
+
+
+@pytest.fixture(scope="module")
+def large_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("large")
+    synth_folder(root / "src", SynthSpec(n=12, seed=3, large=True, classes=2), workers=2)
+    ingest(root / "src", root / "store", nodes=2, replicas=1, shard_size=8 << 20)
+    return root / "store"
+
+
+def test_tight_link_with_large_photos_chooses_node_side(large_store):
+    with LocalCluster(large_store, link_mbps=10) as c:
+        p = plan(c, PIPE, batch_size=8, samples=4)
+        assert p.choice >= 2, p.reason  # decode and crop on the nodes: ~150 KB instead of ~1 MB per sample
+        host = next(x for x in p.predictions if x.split == 0)
+        assert host.bottleneck.startswith("link") and "bound by" in p.reason
+        with Loader(cluster=c, pipeline=PIPE, split="auto", batch_size=4, seed=1) as auto, \
+                Loader(cluster=c, pipeline=PIPE, split="host", batch_size=4, seed=1) as ref:
+            assert auto.plan is not None and auto.source.prefix == auto.plan.choice
+            for a, b in zip(auto, ref):  # the chosen split changes where ops run, never the bits
+                assert np.array_equal(a.data, b.data)
+
+
+def test_open_link_with_a_slow_node_chooses_host_side(store):
+    with LocalCluster(store, slowdown=6.0) as c:
+        p = plan(c, PIPE, batch_size=16, samples=8)
+    assert p.choice == 0, p.reason
+    node_side = [x for x in p.predictions if x.split > 0]
+    assert all(x.bottleneck.startswith("node") for x in node_side)
+
+
+def test_plan_cli_prints_table_and_writes_json(store, tmp_path):
+    with LocalCluster(store, link_mbps=50) as c:
+        c.spec.save(tmp_path / "cluster.json")
+        r = subprocess.run([sys.executable, "-m", "nearstore.cli.main", "plan", "--cluster", str(tmp_path),
+                            "--accel", "h100", "--batch-size", "16", "--samples", "8", "--json",
+                            str(tmp_path / "p.json")], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "p.json").read_text())
+    assert d["choice"] in [p["split"] for p in d["predictions"]] and "choice:" in r.stdout + r.stderr
+    assert d["measurements"]["step_time"] == pytest.approx(0.224 * 16 / 400)
+    assert all(p["samples_per_s"] > 0 for p in d["predictions"])
