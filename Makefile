@@ -31,12 +31,14 @@ bench: $(VENV)/.dali
 	$(PY) bench/nodes.py --json bench/results/nodes.json --plot docs/img/splits.png
 	$(PY) bench/model.py --json bench/results/model.json
 	$(PY) bench/reliability.py --json bench/results/reliability.json
+	$(PY) bench/plan.py --json bench/results/plan.json
 
 bench-quick: $(VENV)/.base
 	$(PY) bench/run.py --quick --json bench/results/quick.json
 	$(PY) bench/nodes.py --quick --json bench/results/nodes-quick.json
 	$(PY) bench/model.py --points 100000 --json bench/results/model-quick.json
 	$(PY) bench/reliability.py --quick --json bench/results/reliability-quick.json
+	$(PY) bench/plan.py --quick --json bench/results/plan-quick.json
 
 clean:
 	rm -rf $(VENV) demo-out build src/*.egg-info src/nearstore/ops/*.so

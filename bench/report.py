@@ -56,9 +56,34 @@ def nodes_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def plan_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    lines = ["| scenario | split | on the nodes | predicted samples/s (bottleneck) | measured samples/s | error | "
+             "chosen |", "|---|---|---|---|---|---|---|"]
+    for sc in d["scenarios"]:
+        for r in sc["splits"]:
+            chosen = "**yes**" if r["split"] == sc["choice"] else ""
+            lines.append(f"| {sc['name']} | {r['split']} | {'+'.join(r['node_stages']) or '-'} | "
+                         f"{r['predicted']:.1f} ({r['predicted_bottleneck']}) | {r['measured']:.1f} | "
+                         f"{r['error']:+.1%} | {chosen} |")
+    lines += ["", "| scenario | chosen split | its measured samples/s | best measured | within 5% of best | "
+              "max abs error |", "|---|---|---|---|---|---|"]
+    for sc in d["scenarios"]:
+        lines.append(f"| {sc['name']} | {sc['choice']} | {sc['chosen_measured']:.1f} | {sc['best_measured']:.1f} | "
+                     f"{'yes' if sc['choice_within_5pct'] else '**no**'} | {sc['max_abs_error']:.1%} |")
+    m = d["summary"]
+    lines += ["", f"{m['predictions']} predictions in {m['scenarios']} scenarios: {m['within_15pct']} within +-15%, "
+              f"{m['within_10pct']} within +-10%; median |error| {m['median_abs_error']:.1%}, max "
+              f"{m['max_abs_error']:.1%}; choice within 5% of the best measured in {m['choices_within_5pct']} of "
+              f"{m['scenarios']} scenarios."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     for f in sorted(RESULTS.glob("host*.json")) if which in ("all", "host") else []:
         print(host_table(f), "\n")
     for f in sorted(RESULTS.glob("nodes.json")) if which in ("all", "nodes") else []:
         print(nodes_table(f), "\n")
+    for f in sorted(RESULTS.glob("plan.json")) if which in ("all", "plan") else []:
+        print(plan_table(f), "\n")

@@ -52,3 +52,18 @@ def test_bench_writes_json(tmp_path, store):
     assert "vs_torch" in host["median_ratio"] and host["dali_note"]
     assert res["loader_overhead"]["median_samples_per_s"] > 0
     assert "nearstore" in r.stdout
+
+
+def test_demo_ends_with_the_designers_verdict(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from nearstore.cli.demo import design_demo
+
+    buf = io.StringIO()
+    res = design_demo(tmp_path, console=Console(file=buf, width=200))
+    assert [d["arch"] for d in res["designs"]] == ["smart_ebof", "smart_nvme_2u", "nvdimm"]
+    assert res["verdict"]["buy"] in ("smart_ebof", "smart_nvme_2u")  # NVDIMM cannot hold ImageNet
+    assert "verdict:" in buf.getvalue() and "infeasible" in buf.getvalue()
+    assert (tmp_path / "design.png").stat().st_size > 10_000

@@ -139,7 +139,20 @@ def test_near_storage_wins_on_large_samples(cat, wl):
     ebof = accelerators_fed(ARCHITECTURES["smart_ebof"], cat, u, accelerator="h100")
     smart = accelerators_fed(ARCHITECTURES["smart_nvme_2u"], cat, u, accelerator="h100")
     assert smart["fed"] > 2 * ebof["fed"] and smart["storage_side"] == ["read", "preprocess"]
-    assert ebof["limited_by"] == "ethernet"
+    assert ebof["limited_by"] in ("ethernet", "storage_cpu")
+
+
+def test_shared_preprocessing_lets_the_drives_and_the_host_work_together(cat, wl):
+    """Smart 2U on ResNet-50: drives preprocess a share, the host the rest; the GPUs become the bottleneck."""
+    a = assess(ARCHITECTURES["smart_nvme_2u"](cat), wl["resnet50-train"])
+    gpu = 8 * 989e12 / 2 * 0.18 / (3 * 3.9e9)
+    assert a.bottleneck == "gpu" and a.samples_per_s == pytest.approx(gpu)
+    assert 0 < a.storage_share < 1 and a.storage_side[-1].startswith("preprocess (")
+    # at that share neither side's cores bind: 24 x 8 x 0.6 drive cores and 112 host cores
+    assert a.samples_per_s <= 24 * 8 * 0.6 / (a.storage_share * 0.003)
+    assert a.samples_per_s <= 112 / ((1 - a.storage_share) * 0.003)
+    host_only = assess(ARCHITECTURES["host_gpu_server"](cat), wl["resnet50-train"])
+    assert a.samples_per_s > 1.5 * host_only.samples_per_s
 
 
 def test_accelerators_fed_is_the_largest_n_at_au_90(cat, wl):

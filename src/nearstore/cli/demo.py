@@ -15,8 +15,13 @@ from nearstore.bench.accel import split_sweep
 from nearstore.bench.host import host_pipeline_bench, loader_overhead_bench
 from nearstore.bench.nodes import UINT8_SPLIT, classify
 from nearstore.bench.plots import plot_sweep
+from nearstore.cli.design import design_table, render_design
+from nearstore.design import load_catalog
+from nearstore.design.plots import plot_design
 from nearstore.loader.loader import Loader
+from nearstore.node.cluster import LocalCluster
 from nearstore.ops.pipeline import standard_train
+from nearstore.plan import plan
 from nearstore.store.ingest import ingest
 from nearstore.store.synth import SynthSpec, synth_folder
 
@@ -74,10 +79,12 @@ def run_demo(workdir: Path, *, n: int, rounds: int, console: Console, progress: 
         console.print(f"note: {host['dali_note']}")
     console.rule("5. storage nodes: 2-node local cluster, link capped at 25 MB/s per node, large photos")
     nodes = node_demo(workdir, console=console, progress=progress)
+    console.rule("6. the designer: which storage system to buy for ResNet-50 training on ImageNet")
+    design = design_demo(workdir, console=console)
     elapsed = time.perf_counter() - t0
     console.print(f"demo finished in {elapsed:.0f} s; results in {workdir / 'demo.json'}")
     return {"synth": summary, "ingest": report.__dict__, "epoch": st.as_dict(), "host_pipeline": host,
-            "loader_overhead": overhead, "nodes": nodes, "seconds": elapsed}
+            "loader_overhead": overhead, "nodes": nodes, "design": design, "seconds": elapsed}
 
 
 def node_demo(workdir: Path, *, console: Console, progress: Callable[[], Progress], n: int = 48,
@@ -107,4 +114,18 @@ def node_demo(workdir: Path, *, console: Console, progress: Callable[[], Progres
     console.print(t)
     png = plot_sweep(runs, workdir / "splits.png")
     console.print(f"plot: {png}")
-    return {"runs": runs, "plot": str(png)}
+    with LocalCluster(store, link_mbps=cap, workers_per_node=1) as cluster, \
+            console.status("planner: profiling nodes, host and link"):
+        chosen = plan(cluster, pipe, batch_size=16, step_time=0.05, samples=16)
+    console.print(f"[bold]planner (Loader(split='auto')):[/bold] {chosen.reason}")
+    return {"runs": runs, "plot": str(png), "plan": chosen.as_dict()}
+
+
+def design_demo(workdir: Path, *, console: Console) -> dict:
+    """The designer's table and verdict for ResNet-50 training across the seed's three designs, with the plot."""
+    res = design_table(load_catalog(), "resnet50-train", "smart_ebof,smart_nvme_2u,nvdimm", variants=True)
+    render_design(res, console)
+    png = plot_design(res["designs"], res["variants"], workdir / "design.png",
+                      title="ResNet-50 training on ImageNet-1k: the seed's three 2U designs feeding 8 x H100")
+    console.print(f"plot: {png}")
+    return {"designs": res["designs"], "verdict": res["verdict"], "plot": str(png)}

@@ -63,13 +63,13 @@ def render_design(res: dict, console: Console) -> None:
         t.add_row(r["arch"], f"{r['gb_per_s_per_2u']:.1f}", f"{r['samples_per_s']:,.0f}" if ok else "[red]infeasible",
                   r["bottleneck"] or "-", "+".join(r["storage_side"]), f"{r['link_bytes_per_sample']:,.0f}",
                   _dur(r["epoch_s"]) if ok else "-", f"{r['watts'] / 1e3:.1f}",
-                  f"{r['energy_per_epoch_kwh']:.2f}" if ok else "-", f"{r['rack_units']:.0f}",
+                  f"{r['energy_per_epoch_kwh']:.3g}" if ok else "-", f"{r['rack_units']:.0f}",
                   f"{r['cost_usd'] / 1e3:,.0f}", f"{r['samples_per_s_per_w']:.2f}", f"{r['samples_per_s_per_kusd']:.1f}")
     console.print(t)
     for r in res["designs"]:
         if not r["feasible"]:
             console.print(f"  {r['arch']} infeasible: {'; '.join(r['reasons'])}")
-        losing = [a for a in r["alternatives"] if a["split"] != r["split"]]
+        losing = [a for a in r["alternatives"] if a["split"] != r["split"] or r["storage_share"]]
         if losing:
             console.print(f"  {r['arch']} other splits: " + "; ".join(
                 f"{'+'.join(a['storage_side'])} storage-side: "

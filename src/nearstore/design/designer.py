@@ -3,8 +3,10 @@
 ``splits(system, workload)`` lists where the split between storage-side and
 compute-side work can go (a prefix of the workload's stages runs storage-side,
 on resources that exist there); ``stages_for`` turns a split into model
-stages (per-sample demands, resident memory); ``assess`` evaluates every split
-and keeps the best feasible one. ``accelerators_fed`` answers MLPerf Storage's
+stages (per-sample demands, resident memory); a cpu stage both sides can run
+may also be *shared* (a fraction of the samples runs it storage-side, the
+rest on the host: a per-sample choice); ``assess`` evaluates every split and
+share (in 5% steps) and keeps the best feasible one. ``accelerators_fed`` answers MLPerf Storage's
 question with preprocessing and offload included; ``pareto`` marks the
 designs no other design beats on both throughput and cost (or power).
 """
@@ -39,11 +41,23 @@ def splits(system: System, workload: Workload) -> list[int]:
     return [k for k in range(len(workload.stages) + 1) if None not in _placement(system, workload, k)]
 
 
-def link_bytes(workload: Workload, k: int) -> float:
-    return workload.sample_bytes if k == 0 else workload.stages[k - 1].out_bytes
+def link_bytes(workload: Workload, k: int, share: float = 0.0) -> float:
+    """Bytes per sample crossing the link when stages[:k] run storage-side (and stage k for ``share`` of them)."""
+    whole = workload.sample_bytes if k == 0 else workload.stages[k - 1].out_bytes
+    return whole if not share else share * workload.stages[k].out_bytes + (1 - share) * whole
 
 
-def stages_for(system: System, workload: Workload, k: int) -> list[Stage]:
+def shared_splits(system: System, workload: Workload) -> list[int]:
+    """k where stage k is a cpu stage both sides can run, so a share of the samples can run it storage-side."""
+    return [k for k in splits(system, workload) if k < len(workload.stages) and workload.stages[k].kind == "cpu"
+            and system.storage.cpu and system.compute.cpu]
+
+
+SHARES = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def stages_for(system: System, workload: Workload, k: int, share: float = 0.0) -> list[Stage]:
+    """Model stages for split k; with ``share`` > 0, stage k runs storage-side for that fraction of the samples."""
     where = _placement(system, workload, k)
     if None in where:
         raise ConfigError(f"{system.name} cannot run stage {workload.stages[where.index(None)].name} "
@@ -55,12 +69,17 @@ def stages_for(system: System, workload: Workload, k: int) -> list[Stage]:
     for i, (ws, res) in enumerate(zip(workload.stages, where)):
         assert res is not None
         side = system.storage if i < k else system.compute
-        if ws.kind == "cpu":
+        if ws.kind == "cpu" and share and i == k:
+            if k not in shared_splits(system, workload):
+                raise ConfigError(f"{system.name} cannot share stage {ws.name} between storage and compute")
+            out.append(Stage(name=ws.name, demands={system.storage.cpu: share * ws.core_s,  # type: ignore[dict-item]
+                                                    res: (1 - share) * ws.core_s}))
+        elif ws.kind == "cpu":
             out.append(Stage(name=ws.name, demands={res: ws.core_s}))
         else:
             out.append(Stage(name=ws.name, demands={res: ws.macs}, memory={res: ws.resident_bytes(side.bytes_per_param)}))
     if system.link:
-        out.append(Stage(name="transfer", demands={r: link_bytes(workload, k) for r in system.link}))
+        out.append(Stage(name="transfer", demands={r: link_bytes(workload, k, share) for r in system.link}))
     return out
 
 
@@ -74,6 +93,7 @@ class Assessment:
     gb_per_s_per_2u: float
     path_limit: str
     split: int
+    storage_share: float  # fraction of the samples whose stage ``split`` also runs storage-side (0: none)
     storage_side: list[str]
     samples_per_s: float
     bottleneck: str | None
@@ -102,24 +122,30 @@ def assess(system: System, workload: Workload) -> Assessment:
         raise ConfigError(f"{system.name} has nowhere to run {workload.name}'s stages")
     evals: list[tuple[int, Evaluation]] = [(k, evaluate(system.resources, stages_for(system, workload, k)))
                                            for k in options]
-    feasible = [(k, e) for k, e in evals if e.feasible]
-    pool = feasible or evals
-    k, ev = max(pool, key=lambda ke: (ke[1].samples_per_s, -link_bytes(workload, ke[0])))
+    shared = [((k, f), evaluate(system.resources, stages_for(system, workload, k, f)))
+              for k in shared_splits(system, workload) for f in SHARES]
+    candidates = [((k, 0.0), e) for k, e in evals] + shared
+    feasible = [(kf, e) for kf, e in candidates if e.feasible]
+    pool = feasible or candidates
+    (k, share), ev = max(pool, key=lambda c: (round(c[1].samples_per_s, 6), -link_bytes(workload, *c[0])))
     bw, limit = storage_compute_bandwidth(system)
     epoch = ev.seconds_for(workload.dataset_samples)
+    side = ["read", *(s.name for s in workload.stages[:k])]
+    if share:
+        side.append(f"{workload.stages[k].name} ({share:.0%} of samples)")
     return Assessment(
         arch=system.name, description=system.description, workload=workload.name, gb_per_s_per_2u=bw / 1e9,
-        path_limit=limit, split=k, storage_side=["read", *(s.name for s in workload.stages[:k])],
+        path_limit=limit, split=k, storage_share=share, storage_side=side,
         samples_per_s=ev.samples_per_s, bottleneck=ev.bottleneck, feasible=ev.feasible,
         reasons=sorted({r for _, e in evals for r in e.reasons}) if not feasible else [],
-        link_bytes_per_sample=link_bytes(workload, k) if system.link else 0.0,
+        link_bytes_per_sample=link_bytes(workload, k, share) if system.link else 0.0,
         epoch_s=epoch, train_s=epoch * workload.epochs, watts=ev.watts,
         energy_per_epoch_kwh=ev.watts * epoch / 3.6e6 if math.isfinite(epoch) else float("inf"),
         rack_units=ev.rack_units, cost_usd=ev.cost,
         samples_per_s_per_w=ev.samples_per_s / ev.watts if ev.watts else 0.0,
         samples_per_s_per_kusd=ev.samples_per_s / ev.cost * 1000 if ev.cost else 0.0,
         utilization={n: round(u, 4) for n, u in ev.utilization.items() if u > 0},
-        alternatives=[{"split": kk, "storage_side": ["read", *(s.name for s in workload.stages[:kk])],
+        alternatives=[{"split": kk, "storage_share": 0.0, "storage_side": ["read", *(s.name for s in workload.stages[:kk])],
                        "samples_per_s": e.samples_per_s, "bottleneck": e.bottleneck, "feasible": e.feasible,
                        "reasons": e.reasons} for kk, e in evals],
     )

@@ -290,11 +290,11 @@ class NodeServer(flight.FlightServerBase):
                       "slowdown": self.slowdown,
                       "pid": os.getpid()}
         elif kind == "stats":
-            result = self.stats.snapshot()
+            result = {**self.stats.snapshot(), "cpu_seconds": time.process_time()}
         elif kind == "manifest":
             result = json.loads(self.store.manifest.dumps())
         elif kind == "profile":
-            result = self._profile(body)
+            result = self._pool.submit(self._profile, body).result()  # on a worker: same threads as serving
         elif kind == "shutdown":
             if not self.allow_shutdown:
                 raise self._bad("shutdown is not allowed on this node (start it with --allow-shutdown)")

@@ -23,12 +23,14 @@ import multiprocessing
 import os
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from nearstore.core.checksum import crc32c
 from nearstore.core.errors import ConfigError
 from nearstore.model.core import Resource, Stage, evaluate
+from nearstore.ops.image import worker_init
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 
 __all__ = ["Measurements", "SplitPrediction", "Plan", "measure", "predict", "plan", "ROW_OVERHEAD_BYTES"]
@@ -59,6 +61,9 @@ class Measurements:
     out_bytes: list[float]  # bytes per sample after each stage
     send_s_per_byte: float
     recv_s_per_byte: float
+    # when nodes share the loader's machine: CPU seconds per sample at each split, measured by running the
+    # loader there for a moment (every process's CPU time: stages, gRPC, Arrow, Python, copies)
+    cpu_measured: dict[int, float] = field(default_factory=dict)
     step_time: float | None = None
     batch_size: int = 64
 
@@ -117,7 +122,7 @@ def predict(m: Measurements) -> list[SplitPrediction]:
         host = sum(s for i, s in enumerate(m.host_stage_s) if i not in on_node) + wire * m.recv_s_per_byte
         demands["host_threads"] = host
         if m.colocated:
-            demands["cpu"] = cpu + host
+            demands["cpu"] = m.cpu_measured.get(k, cpu + host)
         if m.step_time:
             demands["accelerator"] = 1.0
         ev = evaluate(res, [Stage(name=f"split {k}", demands=demands)])
@@ -179,6 +184,113 @@ def effective_cores(*, processes: int | None = None, reps: int = 8) -> float:
     return max(1.0, min(float(processes), processes * alone / together))
 
 
+def _host_stage_seconds(pipeline: Pipeline, raw: list, rounds: int = 3) -> list[float]:
+    """Seconds per sample of each stage on this host (median of ``rounds`` passes over ``raw``)."""
+    stages = pipeline.stages
+    per_round = []
+    for _ in range(rounds):
+        acc = [0.0] * len(stages)
+        for f in raw:
+            x = f.data
+            for i, st in enumerate(stages):
+                t0 = time.perf_counter()
+                x = pipeline.run(x, key=f.key, seed=0, epoch=0, start=st.start, stop=st.stop)
+                acc[i] += time.perf_counter() - t0
+        per_round.append([a / len(raw) for a in acc])
+    return [float(np.median([r[i] for r in per_round])) for i in range(len(stages))]
+
+
+def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int) -> tuple[float, float]:  # noqa: ANN001
+    """Run the loader at split k for a moment: (CPU seconds per sample over every process, cores kept busy).
+
+    CPU time is read from this process (``process_time``) and from each node
+    (its ``stats`` action), so emulated slowdowns (sleep) and link waits do
+    not count; the loader's start-up is not counted either.
+    """
+    from nearstore.loader.loader import Loader
+    from nearstore.node.client import NodeClient
+
+    n = int(min(512, max(64, 48e6 / m.wire_bytes(k))))
+    clients = [NodeClient(ep.uri, node=ep.node, token=spec.token, tls_root_certs=spec.root_certs())
+               for ep in spec.nodes]
+    try:
+        with Loader(cluster=spec, pipeline=pipeline, split=k, batch_size=min(m.batch_size, 32),
+                    workers=m.host_workers, seed=12345, prefetch=2) as ld:
+            seen = received0 = built0 = 0
+            before: list[float] = []
+            h0 = w0 = 0.0
+            for i, b in enumerate(ld.epochs(None)):
+                if i == 1:
+                    before = [c.stats()["cpu_seconds"] for c in clients]
+                    h0, received0, built0 = time.process_time(), ld.source.samples_received, ld.stats.samples
+                    w0 = time.perf_counter()
+                elif i > 1:
+                    seen += len(b)
+                    if seen >= n:
+                        break
+            ld.close()  # let batches in flight finish, so the CPU counted matches the samples counted
+            wall = time.perf_counter() - w0
+            host_cpu = time.process_time() - h0
+            node_cpu = sum(c.stats()["cpu_seconds"] - b0 for c, b0 in zip(clients, before))
+            received = max(ld.source.samples_received - received0, 1)
+            built = max(ld.stats.samples - built0, 1)
+    finally:
+        for c in clients:
+            c.close()
+    return node_cpu / received + host_cpu / built, (node_cpu + host_cpu) / wall
+
+
+def _calibrate(spec, pipeline: Pipeline, m: Measurements) -> None:  # noqa: ANN001
+    """CPU seconds per sample at every split, measured (nodes share this machine's cores with the loader).
+
+    The runs also show how many cores the loader and nodes keep busy at once:
+    runs that saturated the machine (busy cores >= 85% of the profile-based
+    estimate) measure the effective cores better; their median is used.
+    """
+    busy = []
+    for k in [0, *m.stage_stops]:
+        m.cpu_measured[k], b = _cpu_per_sample(spec, pipeline, m, k)
+        busy.append(b)
+    saturated = [b for b in busy if b >= 0.85 * m.cores]
+    if saturated:
+        m.cores = float(np.median(saturated))
+
+
+def _average_profiles(runs: list[dict]) -> dict:
+    out = dict(runs[0])
+    out["read_seconds"] = float(np.median([r["read_seconds"] for r in runs]))
+    out["stages"] = [dict(st, seconds=float(np.median([r["stages"][i]["seconds"] for r in runs])))
+                     for i, st in enumerate(runs[0]["stages"])]
+    return out
+
+
+def _profile_nodes(clients: list, ops: list, samples: int, slowdown: list[float],
+                   rounds: int = 3) -> tuple[list[dict], float | None]:
+    """Per-node profiles (median of ``rounds`` runs alone) and, with 2+ nodes, the machine's effective cores.
+
+    Effective cores come from the real kernels: every node profiles alone,
+    then all at once; cores = sum of the alone times / the time together.
+    Emulated slowdowns are idle time, so the nodes' CPU share is used.
+    """
+    alone: list[list[dict]] = [[] for _ in clients]
+    together: list[float] = []
+    walls: list[list[float]] = [[] for _ in clients]
+    with ThreadPoolExecutor(len(clients)) as pool:
+        for _ in range(rounds):
+            for i, c in enumerate(clients):
+                t0 = time.perf_counter()
+                alone[i].append(c.profile(ops, n=samples))
+                walls[i].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            list(pool.map(lambda c: c.profile(ops, n=samples), clients))
+            together.append(time.perf_counter() - t0)
+    profiles = [_average_profiles(runs) for runs in alone]
+    if len(clients) < 2 or any(s != 1.0 for s in slowdown):
+        return profiles, None
+    work = sum(float(np.median(w)) for w in walls)
+    return profiles, max(1.0, min(float(len(clients)), work / float(np.median(together))))
+
+
 def _loopback(uri: str) -> bool:
     host = uri.split("://", 1)[-1].rsplit(":", 1)[0]
     return host in ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -194,8 +306,8 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
     try:
         ops = pipeline.to_json()
         src_nodes = list(src.clients)
-        profiles = [c.profile(ops, n=samples) for c in src.clients.values()]
         slowdown = [float(c.health().get("slowdown", 1.0)) for c in src.clients.values()]
+        profiles, node_cores = _profile_nodes(list(src.clients.values()), ops, samples, slowdown)
         man = src.manifest
         ids = np.arange(min(samples, man.num_samples))
         raw = [f for f in src.fetch(ids, epoch=0, seed=0) if f.error is None]
@@ -207,14 +319,8 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
     names = [st.name for st in stages]
     order = list(src_nodes)
     node_s = [[p["stages"][i]["seconds"] for i in range(len(stages))] for p in profiles]
-    host_s = [0.0] * len(stages)
-    for f in raw:  # the same stages on this host
-        x = f.data
-        for i, st in enumerate(stages):
-            t0 = time.perf_counter()
-            x = pipeline.run(x, key=f.key, seed=0, epoch=0, start=st.start, stop=st.stop)
-            host_s[i] += time.perf_counter() - t0
-    host_s = [s / len(raw) for s in host_s]
+    with ThreadPoolExecutor(1, initializer=worker_init) as pool:  # a thread set up as the loader's workers are
+        host_s = pool.submit(_host_stage_seconds, pipeline, raw).result()
     specs = pipeline.declare(input_spec_of(man))
     out_bytes = [float(specs[st.stop].bytes or profiles[0]["stages"][i]["out_bytes"]) for i, st in enumerate(stages)]
     samples_by, bytes_by = {n: 0 for n in order}, {n: 0 for n in order}
@@ -223,9 +329,10 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
         samples_by[n] += sh.samples
         bytes_by[n] += sh.payload_bytes
     send, recv = _per_byte_seconds()
-    return Measurements(
+    m = Measurements(
         nodes=len(spec.nodes), node_workers=spec.workers_per_node, host_workers=host_workers,
-        colocated=all(_loopback(ep.uri) for ep in spec.nodes), cores=effective_cores(),
+        colocated=all(_loopback(ep.uri) for ep in spec.nodes),
+        cores=node_cores if node_cores is not None else effective_cores(),
         link_bytes_per_s=spec.link_mbps * 1e6 if spec.link_mbps else None,
         raw_bytes=man.mean_payload_bytes, stage_names=names, stage_stops=[st.stop for st in stages],
         node_share=[samples_by[n] / man.num_samples for n in order],
@@ -235,6 +342,9 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
         out_bytes=out_bytes,
         send_s_per_byte=send, recv_s_per_byte=recv, step_time=step_time, batch_size=batch_size,
     )
+    if m.colocated:  # the machine's CPU is shared: calibrate what the stages leave out
+        _calibrate(spec, pipeline, m)
+    return m
 
 
 def plan(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: float | None = None,  # noqa: ANN001
