@@ -52,19 +52,29 @@ def design_table(cat: Catalog, workload: str, arch: str = "all", *, tier: Comput
 
 
 def render_design(res: dict, console: Console) -> None:
+    """The design table; on a narrow console (< 150 columns) the essential columns only."""
     wl = res["workload"]
+    wide = console.width >= 150
     t = Table(title=f"{wl['name']}: {wl['description']} — {res['tier']['gpus']} x {res['tier']['gpu']} fed by each "
                     "design")
-    for col in ("design", "GB/s per 2U", "samples/s", "bottleneck", "storage-side", "bytes/sample on link",
-                "epoch", "power kW", "energy/epoch kWh", "RU", "cost k$", "samples/s per W", "per k$"):
-        t.add_column(col, justify="right" if col not in ("design", "bottleneck", "storage-side") else "left")
+    cols = (("design", "GB/s per 2U", "samples/s", "bottleneck", "storage-side", "bytes/sample on link", "epoch",
+             "power kW", "energy/epoch kWh", "RU", "cost k$", "samples/s per W", "per k$") if wide else
+            ("design", "samples/s", "bottleneck", "storage-side", "kW", "k$", "per W", "per k$"))
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("design", "bottleneck", "storage-side") else "right")
     for r in res["designs"]:
         ok = r["feasible"]
-        t.add_row(r["arch"], f"{r['gb_per_s_per_2u']:.1f}", f"{r['samples_per_s']:,.0f}" if ok else "[red]infeasible",
-                  r["bottleneck"] or "-", "+".join(r["storage_side"]), f"{r['link_bytes_per_sample']:,.0f}",
-                  _dur(r["epoch_s"]) if ok else "-", f"{r['watts'] / 1e3:.1f}",
-                  f"{r['energy_per_epoch_kwh']:.3g}" if ok else "-", f"{r['rack_units']:.0f}",
-                  f"{r['cost_usd'] / 1e3:,.0f}", f"{r['samples_per_s_per_w']:.2f}", f"{r['samples_per_s_per_kusd']:.1f}")
+        cells = {"design": r["arch"], "GB/s per 2U": f"{r['gb_per_s_per_2u']:.1f}",
+                 "samples/s": f"{r['samples_per_s']:,.0f}" if ok else "[red]infeasible",
+                 "bottleneck": (r["bottleneck"] or "-") if ok else "-", "storage-side": "+".join(r["storage_side"]),
+                 "bytes/sample on link": f"{r['link_bytes_per_sample']:,.0f}",
+                 "epoch": _dur(r["epoch_s"]) if ok else "-", "power kW": f"{r['watts'] / 1e3:.1f}",
+                 "kW": f"{r['watts'] / 1e3:.1f}",
+                 "energy/epoch kWh": f"{r['energy_per_epoch_kwh']:.3g}" if ok else "-", "RU": f"{r['rack_units']:.0f}",
+                 "cost k$": f"{r['cost_usd'] / 1e3:,.0f}", "k$": f"{r['cost_usd'] / 1e3:,.0f}",
+                 "samples/s per W": f"{r['samples_per_s_per_w']:.2f}", "per W": f"{r['samples_per_s_per_w']:.2f}",
+                 "per k$": f"{r['samples_per_s_per_kusd']:.1f}"}
+        t.add_row(*(cells[c] for c in cols))
     console.print(t)
     for r in res["designs"]:
         if not r["feasible"]:
