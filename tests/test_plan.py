@@ -93,3 +93,11 @@ def test_plan_cli_prints_table_and_writes_json(store, tmp_path):
     assert d["choice"] in [p["split"] for p in d["predictions"]] and "choice:" in r.stdout + r.stderr
     assert d["measurements"]["step_time"] == pytest.approx(0.224 * 16 / 400)
     assert all(p["samples_per_s"] > 0 for p in d["predictions"])
+
+
+def test_accelerator_gets_the_mean_batch_of_an_epoch():
+    """400 samples in batches of 64: 6 full batches and one of 16, so a step carries 57.1 samples on average."""
+    m = _m(step_time=0.2, batch_size=64, samples_per_epoch=400, host_workers=64)
+    by = {p.split: p for p in predict(m)}
+    assert by[0].bottleneck == "accelerator"
+    assert by[0].samples_per_s == pytest.approx(400 / 7 / 0.2)

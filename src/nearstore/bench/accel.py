@@ -88,7 +88,7 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
             t_prev = time.perf_counter()
             if seen >= samples:
                 break
-        wall = t_prev - t_first
+        wall = t_prev - t_first - step_time  # the window opens with the first timed step, whose samples are not counted
         wire = source.wire_bytes - wire0
         received = (source.wire_bytes, source.samples_received)
         node_wire = [source.wire_by_node[ep.node] - node0[ep.node] for ep in spec.nodes]

@@ -19,8 +19,10 @@ the same stages on the host; bytes from the pipeline's declared specs.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -64,8 +66,18 @@ class Measurements:
     # when nodes share the loader's machine: CPU seconds per sample at each split, measured by running the
     # loader there for a moment (every process's CPU time: stages, gRPC, Arrow, Python, copies)
     cpu_measured: dict[int, float] = field(default_factory=dict)
+    # seconds a training-loop thread that sleeps (the accelerator step) waits to run again, per split:
+    # the loader's Python threads hold the GIL; the step effectively lasts step_time + this
+    wake_s: dict[int, float] = field(default_factory=dict)
     step_time: float | None = None
     batch_size: int = 64
+    samples_per_epoch: int = 0  # a short last batch per epoch lowers the mean batch the accelerator gets
+
+    @property
+    def mean_batch(self) -> float:
+        if not self.samples_per_epoch:
+            return float(self.batch_size)
+        return self.samples_per_epoch / math.ceil(self.samples_per_epoch / self.batch_size)
 
     def wire_bytes(self, k: int, node: int | None = None) -> float:
         if k == 0:
@@ -103,8 +115,6 @@ def predict(m: Measurements) -> list[SplitPrediction]:
         res.append(Resource(name="cpu", rate=m.cores, unit="core-s"))
     if m.link_bytes_per_s:
         res += [Resource(name=f"link{i}", rate=m.link_bytes_per_s) for i in range(m.nodes)]
-    if m.step_time:
-        res.append(Resource(name="accelerator", rate=m.batch_size / m.step_time, unit="sample"))
     out = []
     for k in [0, *m.stage_stops]:
         on_node = [i for i, stop in enumerate(m.stage_stops) if stop <= k]
@@ -123,9 +133,12 @@ def predict(m: Measurements) -> list[SplitPrediction]:
         demands["host_threads"] = host
         if m.colocated:
             demands["cpu"] = m.cpu_measured.get(k, cpu + host)
+        step_res = []
         if m.step_time:
+            step = m.step_time + m.wake_s.get(k, 0.0)
+            step_res = [Resource(name="accelerator", rate=m.mean_batch / step, unit="sample")]
             demands["accelerator"] = 1.0
-        ev = evaluate(res, [Stage(name=f"split {k}", demands=demands)])
+        ev = evaluate(res + step_res, [Stage(name=f"split {k}", demands=demands)])
         out.append(SplitPrediction(split=k, node_stages=[m.stage_names[i] for i in on_node],
                                    samples_per_s=ev.samples_per_s, bottleneck=ev.bottleneck or "-",
                                    bytes_per_sample=wire,
@@ -200,8 +213,8 @@ def _host_stage_seconds(pipeline: Pipeline, raw: list, rounds: int = 3) -> list[
     return [float(np.median([r[i] for r in per_round])) for i in range(len(stages))]
 
 
-def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int) -> tuple[float, float]:  # noqa: ANN001
-    """Run the loader at split k for a moment: (CPU seconds per sample over every process, cores kept busy).
+def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int) -> tuple[float, float, float]:  # noqa: ANN001
+    """Run the loader at split k for a moment: (CPU s per sample over every process, cores busy, wake-up lag).
 
     CPU time is read from this process (``process_time``) and from each node
     (its ``stats`` action), so emulated slowdowns (sleep) and link waits do
@@ -211,6 +224,16 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int) -> tuple[
     from nearstore.node.client import NodeClient
 
     n = int(min(512, max(64, 48e6 / m.wire_bytes(k))))
+    lags: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:  # how late a sleeping thread wakes up while the loader works (GIL)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            time.sleep(0.02)
+            lags.append(time.perf_counter() - t0 - 0.02)
+
+    prober = threading.Thread(target=probe, name="nearstore-plan-probe", daemon=True)
     clients = [NodeClient(ep.uri, node=ep.node, token=spec.token, tls_root_certs=spec.root_certs())
                for ep in spec.nodes]
     try:
@@ -221,6 +244,7 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int) -> tuple[
             h0 = w0 = 0.0
             for i, b in enumerate(ld.epochs(None)):
                 if i == 1:
+                    prober.start()
                     before = [c.stats()["cpu_seconds"] for c in clients]
                     h0, received0, built0 = time.process_time(), ld.source.samples_received, ld.stats.samples
                     w0 = time.perf_counter()
@@ -228,6 +252,7 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int) -> tuple[
                     seen += len(b)
                     if seen >= n:
                         break
+            stop.set()
             ld.close()  # let batches in flight finish, so the CPU counted matches the samples counted
             wall = time.perf_counter() - w0
             host_cpu = time.process_time() - h0
@@ -235,9 +260,12 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int) -> tuple[
             received = max(ld.source.samples_received - received0, 1)
             built = max(ld.stats.samples - built0, 1)
     finally:
+        stop.set()
+        if prober.is_alive():
+            prober.join()
         for c in clients:
             c.close()
-    return node_cpu / received + host_cpu / built, (node_cpu + host_cpu) / wall
+    return node_cpu / received + host_cpu / built, (node_cpu + host_cpu) / wall, float(np.mean(lags or [0.0]))
 
 
 def _calibrate(spec, pipeline: Pipeline, m: Measurements) -> None:  # noqa: ANN001
@@ -249,7 +277,7 @@ def _calibrate(spec, pipeline: Pipeline, m: Measurements) -> None:  # noqa: ANN0
     """
     busy = []
     for k in [0, *m.stage_stops]:
-        m.cpu_measured[k], b = _cpu_per_sample(spec, pipeline, m, k)
+        m.cpu_measured[k], b, m.wake_s[k] = _cpu_per_sample(spec, pipeline, m, k)
         busy.append(b)
     saturated = [b for b in busy if b >= 0.85 * m.cores]
     if saturated:
@@ -341,6 +369,7 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
         host_stage_s=host_s,
         out_bytes=out_bytes,
         send_s_per_byte=send, recv_s_per_byte=recv, step_time=step_time, batch_size=batch_size,
+        samples_per_epoch=man.num_samples,
     )
     if m.colocated:  # the machine's CPU is shared: calibrate what the stages leave out
         _calibrate(spec, pipeline, m)
