@@ -83,7 +83,7 @@ if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     for f in sorted(RESULTS.glob("host*.json")) if which in ("all", "host") else []:
         print(host_table(f), "\n")
-    for f in sorted(RESULTS.glob("nodes.json")) if which in ("all", "nodes") else []:
+    for f in [*RESULTS.glob("nodes.json"), *sorted(RESULTS.glob("nodes-run*.json"))] if which in ("all", "nodes") else []:
         print(nodes_table(f), "\n")
     for f in sorted(RESULTS.glob("plan.json")) if which in ("all", "plan") else []:
         print(plan_table(f), "\n")
