@@ -148,7 +148,7 @@ def fuzz_tickets(uri: str, dataset: str, n: int, *, cases: int, token: str | Non
             record("served", raw[:80].decode("utf-8", "replace"))
         except (flight.FlightServerError, flight.FlightUnauthenticatedError) as exc:
             msg = str(exc)
-            if "Traceback" in msg or "Python exception" in msg and "FlightServerError" not in msg:
+            if "Traceback" in msg or ("Python exception" in msg and "FlightServerError" not in msg):
                 record("crashes", msg)
             else:
                 record("rejected", msg.split(". Detail:")[0])

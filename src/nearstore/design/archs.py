@@ -29,7 +29,7 @@ from nearstore.design.catalog import Catalog
 from nearstore.model.core import Resource, Stage, evaluate
 
 __all__ = ["Side", "System", "ComputeTier", "host_gpu_server", "smart_ebof", "smart_nvme_2u", "nvdimm",
-           "storage_compute_bandwidth", "ARCHITECTURES", "SEED_DESIGNS"]
+           "storage_compute_bandwidth", "ARCHITECTURES", "SEED_DESIGNS", "VARIANTS"]
 
 
 @dataclass(frozen=True)
@@ -219,4 +219,3 @@ VARIANTS: dict[str, list[dict]] = {
                       for c in ("csd-gen4-arm", "csd-gen4-fpga", "csd-gen4-npu")],
     "nvdimm": [{"module": m, "modules": k} for m in ("nvdimm-n-32", "pmem-256") for k in (1, 2)],
 }
-__all__ += ["VARIANTS"]

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from nearstore.core.errors import ConfigError
 
 __all__ = ["CatalogError", "NvmeSsd", "Nic", "MemoryChannel", "Chassis", "Cpu", "Accelerator", "EmulatedAccelerator",
-           "ComputationalDrive", "Ebof", "MemoryModule", "GpuServer", "Catalog", "load_catalog"]
+           "ComputationalDrive", "Ebof", "MemoryModule", "GpuServer", "Catalog", "load_catalog", "read_yaml_sources",
+           "validate_item"]
 
 
 class CatalogError(ConfigError):
@@ -184,6 +185,36 @@ class Catalog(BaseModel):
         return table[key]
 
 
+def read_yaml_sources(packaged: str, paths: tuple, *, builtin: bool, what: str) -> list[tuple[str, Any]]:
+    """(origin, parsed YAML) for the packaged file ``data/<packaged>`` (unless not ``builtin``) and ``paths``."""
+    texts: list[tuple[str, str]] = []
+    if builtin:
+        texts.append((f"nearstore/design/data/{packaged}",
+                      resources.files("nearstore.design").joinpath(f"data/{packaged}").read_text()))
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise CatalogError(f"{what} file {p} does not exist")
+        texts.append((str(p), p.read_text()))
+    out = []
+    for origin, text in texts:
+        try:
+            out.append((origin, yaml.safe_load(text)))
+        except yaml.YAMLError as exc:
+            raise CatalogError(f"{origin}: not valid YAML: {exc}") from None
+    return out
+
+
+def validate_item(model: type[BaseModel], item: Any, *, origin: str, what: str, index: int) -> Any:
+    """``model.model_validate(item)``; a problem names the file, the component and each field."""
+    label = item.get("name", f"#{index}") if isinstance(item, dict) else f"#{index}"
+    try:
+        return model.model_validate(item)
+    except ValidationError as exc:
+        problems = "; ".join(f"field {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CatalogError(f"{origin}: {what} {label!r}: {problems}") from None
+
+
 def _parse(doc: Any, origin: str) -> dict[str, dict[str, _Component]]:
     if not isinstance(doc, dict):
         raise CatalogError(f"{origin}: a catalog is a mapping of kind -> list of components")
@@ -195,12 +226,7 @@ def _parse(doc: Any, origin: str) -> dict[str, dict[str, _Component]]:
         if not isinstance(items, list):
             raise CatalogError(f"{origin}: {kind} must be a list of components")
         for i, item in enumerate(items):
-            label = item.get("name", f"#{i}") if isinstance(item, dict) else f"#{i}"
-            try:
-                comp = model.model_validate(item)
-            except ValidationError as exc:
-                problems = "; ".join(f"field {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-                raise CatalogError(f"{origin}: {kind} {label!r}: {problems}") from None
+            comp = validate_item(model, item, origin=origin, what=kind, index=i)
             out.setdefault(kind, {})[comp.name.lower()] = comp
     return out
 
@@ -208,20 +234,7 @@ def _parse(doc: Any, origin: str) -> dict[str, dict[str, _Component]]:
 def load_catalog(*paths: str | Path, builtin: bool = True) -> Catalog:
     """The packaged catalog (unless ``builtin=False``) plus ``paths``; later files override by name."""
     merged: dict[str, dict[str, _Component]] = {k: {} for k in KINDS}
-    sources: list[tuple[str, str]] = []
-    if builtin:
-        sources.append(("nearstore/design/data/catalog.yaml",
-                        resources.files("nearstore.design").joinpath("data/catalog.yaml").read_text()))
-    for p in paths:
-        p = Path(p)
-        if not p.exists():
-            raise CatalogError(f"catalog file {p} does not exist")
-        sources.append((str(p), p.read_text()))
-    for origin, text in sources:
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise CatalogError(f"{origin}: not valid YAML: {exc}") from None
+    for origin, doc in read_yaml_sources("catalog.yaml", paths, builtin=builtin, what="catalog"):
         for kind, comps in _parse(doc or {}, origin).items():
             merged[kind].update(comps)
     return Catalog(**merged)

@@ -8,14 +8,12 @@ packaged ``data/workloads.yaml`` plus user files, validated like the catalog.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from nearstore.design.catalog import CatalogError
+from nearstore.design.catalog import CatalogError, read_yaml_sources, validate_item
 
 __all__ = ["WorkloadStage", "Workload", "load_workloads"]
 
@@ -65,29 +63,11 @@ class Workload(BaseModel):
 
 def load_workloads(*paths: str | Path, builtin: bool = True) -> dict[str, Workload]:
     """The packaged workloads (unless ``builtin=False``) plus ``paths`` (a YAML list each); later override."""
-    texts: list[tuple[str, str]] = []
-    if builtin:
-        texts.append(("nearstore/design/data/workloads.yaml",
-                      resources.files("nearstore.design").joinpath("data/workloads.yaml").read_text()))
-    for p in paths:
-        p = Path(p)
-        if not p.exists():
-            raise CatalogError(f"workload file {p} does not exist")
-        texts.append((str(p), p.read_text()))
     out: dict[str, Workload] = {}
-    for origin, text in texts:
-        try:
-            doc = yaml.safe_load(text) or []
-        except yaml.YAMLError as exc:
-            raise CatalogError(f"{origin}: not valid YAML: {exc}") from None
-        if not isinstance(doc, list):
+    for origin, doc in read_yaml_sources("workloads.yaml", paths, builtin=builtin, what="workload"):
+        if not isinstance(doc or [], list):
             raise CatalogError(f"{origin}: a workload file is a list of workloads")
-        for i, item in enumerate(doc):
-            label = item.get("name", f"#{i}") if isinstance(item, dict) else f"#{i}"
-            try:
-                w = Workload.model_validate(item)
-            except ValidationError as exc:
-                problems = "; ".join(f"field {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-                raise CatalogError(f"{origin}: workload {label!r}: {problems}") from None
+        for i, item in enumerate(doc or []):
+            w = validate_item(Workload, item, origin=origin, what="workload", index=i)
             out[w.name] = w
     return out

@@ -56,14 +56,13 @@ class LocalSource:
             s, i = self.store.locate(sid)
             shard = self.manifest.shards[s].name
             try:
-                ref = self.store.ref(sid)
+                data, ref = self.store.read(sid)  # a copy that fails its crc32c is read from a replica
             except StoreError as exc:
-                out.append(Fetched(sid, f"#{i}", -1, shard, None, 0, exc))
-                continue
-            try:
-                data, _ = self.store.read(sid)  # a copy that fails its crc32c is read from a replica
-            except StoreError as exc:
-                out.append(Fetched(sid, ref.key, ref.label, shard, None, 0, exc))
+                try:  # only on failure: which key it was (the shard's index may itself be unreadable)
+                    bad = self.store.ref(sid)
+                    out.append(Fetched(sid, bad.key, bad.label, shard, None, 0, exc))
+                except StoreError:
+                    out.append(Fetched(sid, f"#{i}", -1, shard, None, 0, exc))
                 continue
             out.append(Fetched(sid, ref.key, ref.label, shard, data, len(data)))
         return out

@@ -143,9 +143,9 @@ class ClusterSource:
         self.rejoined: list[dict] = []
         self.refetched = 0
 
-    def _client(self, node: int) -> NodeClient:
+    def _client(self, node: int, timeout: float | None = None) -> NodeClient:
         ep = next(e for e in self.cluster.nodes if e.node == node)
-        return NodeClient(ep.uri, node=node, token=self.cluster.token, timeout=self._timeout,
+        return NodeClient(ep.uri, node=node, token=self.cluster.token, timeout=timeout or self._timeout,
                           tls_root_certs=self._root_certs)
 
     def _first_manifest(self) -> Manifest:
@@ -166,8 +166,7 @@ class ClusterSource:
             return True
         if time.monotonic() - down[0] < self.retry_after:
             return False
-        fresh = self._client(node)  # a new channel: gRPC's reconnect backoff would delay a restarted node
-        fresh._opts = flight.FlightCallOptions(headers=fresh._opts.headers, timeout=2.0)
+        fresh = self._client(node, timeout=2.0)  # a new channel: gRPC's reconnect backoff would delay a restart
         try:
             fresh.health()
         except NearstoreError as exc:

@@ -174,15 +174,14 @@ class NodeServer(flight.FlightServerBase):
         """
         t0 = time.perf_counter()
         try:
-            ref = self.store.ref(sample)
-        except StoreError as exc:
-            return self._row_error(sample, f"#{sample}", -1, "read", exc)
-        try:
             data, ref = self.store.read(sample)
-        except ChecksumError as exc:
-            return self._row_error(sample, ref.key, ref.label, "checksum", exc)
         except StoreError as exc:
-            return self._row_error(sample, ref.key, ref.label, "read", exc)
+            kind = "checksum" if isinstance(exc, ChecksumError) else "read"
+            try:  # only on failure: which key it was (the shard's index may itself be unreadable)
+                bad = self.store.ref(sample)
+                return self._row_error(sample, bad.key, bad.label, kind, exc)
+            except StoreError:
+                return self._row_error(sample, f"#{sample}", -1, kind, exc)
         t1 = time.perf_counter()
         timings: dict[str, float] = {}
         try:
