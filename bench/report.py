@@ -53,6 +53,10 @@ def nodes_table(path: Path) -> str:
     lines += ["", f"Uncapped loopback streaming of preprocessed uint8 224x224x3 samples from 2 nodes: "
               f"**{s['gb_per_s']:.2f} GB/s** ({s['samples']} samples, {s['wire_bytes'] / 1e6:.0f} MB in "
               f"{s['seconds']:.2f} s)."]
+    if "thread_gb_per_s" in s:
+        lines += ["", f"Node workers as processes (default, shared-memory hand-off) vs threads, interleaved in the "
+                  f"same run: {s['gb_per_s']:.2f} vs {s['thread_gb_per_s']:.2f} GB/s (median of "
+                  f"{len(s['runs']) // 2} each; ratio {s['process_over_thread']:.2f})."]
     return "\n".join(lines)
 
 

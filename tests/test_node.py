@@ -209,12 +209,13 @@ def test_up_and_down_leave_no_process(store, tmp_path):
         assert sum(len(b) for b in ld) == 48
     r = run("up", str(copy))
     assert r.returncode != 0 and "run `nearstore down" in " ".join(r.stderr.split())
+    workers = [p for ep in spec.nodes for p in _worker_pids(ep)]
     r = run("down", str(copy))
     assert r.returncode == 0, r.stderr
     import psutil
 
-    for ep in spec.nodes:
-        assert not psutil.pid_exists(ep.pid) or psutil.Process(ep.pid).status() == psutil.STATUS_ZOMBIE
+    for pid in [ep.pid for ep in spec.nodes] + workers:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not (copy / "cluster.json").exists()
 
 
@@ -249,3 +250,129 @@ def test_bench_cluster_with_emulated_accelerator(store, tmp_path):
     assert res["samples"] >= 24 and 0 < res["au"] <= 1
     assert res["bytes_per_sample"] > 0 and res["link_utilization"] is not None
     assert res["accelerator"] == {"name": "h100", "model": "resnet50"}
+
+
+# -- worker processes ------------------------------------------------------------------
+def _worker_pids(ep) -> list[int]:
+    c = NodeClient(ep.uri, node=ep.node)
+    h = c.health()
+    c.close()
+    assert h["worker_kind"] == "process"
+    return h["worker_pids"]
+
+
+def test_nodes_run_ops_on_worker_processes(cluster):
+    import psutil
+
+    for ep in cluster.spec.nodes:
+        pids = _worker_pids(ep)
+        assert len(set(pids)) == 2 and ep.pid not in pids
+        assert all(psutil.pid_exists(p) for p in pids)
+        c = NodeClient(ep.uri, node=ep.node)
+        batches, _ = c.get(Ticket(dataset=cluster.spec.dataset, ranges=[[0, 1]], ops=PIPE.to_json()[:2]))
+        c.close()
+        assert batches and _worker_pids(ep) == pids  # the same processes serve request after request
+
+
+def test_thread_workers_give_the_same_bits(store, cluster):
+    with Loader(cluster=cluster, pipeline=PIPE, split="node", batch_size=8, seed=3) as ld:
+        want = digest(ld)
+    with LocalCluster(store, worker_kind="thread") as threads, Loader(
+            cluster=threads, pipeline=PIPE, split="node", batch_size=8, seed=3) as ld:
+        h = NodeClient(threads.spec.nodes[0].uri, node=0).health()
+        assert h["worker_kind"] == "thread" and h["worker_pids"] == [threads.spec.nodes[0].pid]
+        assert digest(ld) == want
+
+
+def test_a_dead_idle_worker_is_replaced_before_the_next_request(store):
+    import os
+    import signal
+
+    with LocalCluster(store, nodes=1) as c:
+        ep = c.spec.nodes[0]
+        old = _worker_pids(ep)
+        os.kill(old[0], signal.SIGKILL)
+        time.sleep(0.5)
+        client = NodeClient(ep.uri, node=ep.node)
+        ids = _ids_on(store, 0)[:6]
+        batches, _ = client.get(Ticket(dataset=c.spec.dataset, samples=ids, ops=PIPE.to_json()[:2], batch_size=2))
+        assert [r.sample for b in batches for r in decode_rows(b)] == ids
+        h = client.health()
+        assert h["worker_restarts"] == 1 and not set(h["worker_pids"]) & set(old)
+        client.close()
+
+
+def test_a_worker_killed_mid_epoch_costs_a_failover_not_a_sample(store):
+    """SIGKILL one worker of node 0 while it serves: the loader re-asks node 1 (a replica), same bits."""
+    import os
+    import signal
+    import threading
+
+    with Loader(store, pipeline=PIPE, batch_size=4, seed=9) as local:
+        want = digest(local)
+    with LocalCluster(store, slowdown=30.0, workers_per_node=1) as c, Loader(
+            cluster=c, pipeline=PIPE, split="node", batch_size=4, seed=9) as ld:
+        ld.source.retry_after = 0.5
+        victim = _worker_pids(c.spec.nodes[0])[0]
+        timer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+        timer.start()
+        try:
+            got = digest(ld)
+        finally:
+            timer.cancel()
+        assert got == want
+        failovers = ld.source.stats()["failovers"]
+        assert failovers and failovers[0]["node"] == 0 and "worker process died" in failovers[0]["error"]
+        h = NodeClient(c.spec.nodes[0].uri, node=0).health()
+        assert h["worker_restarts"] == 1 and victim not in h["worker_pids"]
+
+
+def test_killed_node_takes_its_workers_with_it(store):
+    import psutil
+
+    with LocalCluster(store, nodes=1) as c:
+        pids = _worker_pids(c.spec.nodes[0])
+        c.kill(0)
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            assert time.monotonic() < deadline, "worker processes outlived their SIGKILLed node"
+            time.sleep(0.1)
+
+
+def test_worker_slots_lease_reuse_and_oversized_batches(store):
+    """White box: a batch too big for a slot comes back by pickle and grows the slots; a batch read from a
+    slot holds it until the batch is gone; the bits equal the thread path's."""
+    import gc
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    from nearstore.node.workers import NodeWork, WorkerPool
+
+    work = NodeWork(store / "node-000")
+    ops, ids = PIPE.to_json()[:2], _ids_on(store, 0)[:16]
+    threads = WorkerPool(work, workers=1, kind="thread")
+    want = [threads.result(threads.submit(ops, ids[i:i + 8], 1, 0))[0] for i in (0, 8)]
+    threads.close()
+    pool = WorkerPool(work, workers=2)
+    try:
+        slots = pool._slots
+        slots.size = 1024  # smaller than any batch of these
+        first, _ = pool.result(pool.submit(ops, ids[:8], 1, 0))
+        assert slots.size > 1024 and slots._count == 0  # came back by pickle; the small slot was dropped
+        second, _ = pool.result(pool.submit(ops, ids[8:], 1, 0))
+        assert slots._count == 1 and not slots._free  # in a slot, which the batch still holds
+        assert first.equals(want[0]) and second.equals(want[1])
+        del second
+        gc.collect()
+        assert len(slots._free) == 1  # given back once the batch was gone
+        again, _ = pool.result(pool.submit(ops, ids[8:], 1, 0))
+        assert again.equals(want[1]) and slots._count == 1  # the same slot, reused
+        del again
+    finally:
+        pool.close()
+        work.close()
+        del pool, slots
+        gc.collect()  # the workers' start barrier releases its semaphore before the tracker goes
+        # this test's own forkserver and resource tracker (a node's die with the node)
+        multiprocessing.forkserver._forkserver._stop()
+        multiprocessing.resource_tracker._resource_tracker._stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -86,11 +87,9 @@ def _npy_store(workdir: Path, n: int, shape: tuple[int, int, int]) -> Path:
     return workdir / "u8-store"
 
 
-def streaming_bench(workdir: Path, *, n: int = 512, epochs: int = 3, batch_size: int = 64) -> dict:
-    """Uncapped loopback streaming of preprocessed uint8 224x224x3 batches from 2 nodes: wire GB/s."""
-    store = _npy_store(workdir, n, (224, 224, 3))
+def _stream_once(store: Path, *, worker_kind: str, epochs: int, batch_size: int) -> dict:
     pipe = Pipeline([{"op": "decode_npy", "shape": [224, 224, 3]}])  # stored already preprocessed
-    with LocalCluster(store, workers_per_node=1) as cluster, Loader(
+    with LocalCluster(store, workers_per_node=1, worker_kind=worker_kind) as cluster, Loader(
             cluster=cluster, pipeline=pipe, split="node", batch_size=batch_size, workers=2, prefetch=12) as loader:
         batches = loader.epochs(epochs + 1)
         next(batches)
@@ -98,8 +97,24 @@ def streaming_bench(workdir: Path, *, n: int = 512, epochs: int = 3, batch_size:
         seen = sum(len(b) for b in batches)
         dt = time.perf_counter() - t0
         wire = loader.source.wire_bytes - w0
-    return {"samples": seen, "seconds": dt, "wire_bytes": wire, "gb_per_s": wire / dt / 1e9,
-            "goal": {"gb_per_s >= 1.0": wire / dt / 1e9 >= 1.0}}
+    return {"worker_kind": worker_kind, "samples": seen, "seconds": dt, "wire_bytes": wire,
+            "gb_per_s": wire / dt / 1e9}
+
+
+def streaming_bench(workdir: Path, *, n: int = 512, epochs: int = 3, batch_size: int = 64, rounds: int = 3) -> dict:
+    """Uncapped loopback streaming of preprocessed uint8 224x224x3 batches from 2 nodes: wire GB/s.
+
+    Node worker processes (the default; outputs come back through shared memory) and node worker threads,
+    interleaved ``rounds`` times in one run; the headline is the median of the processes.
+    """
+    store = _npy_store(workdir, n, (224, 224, 3))
+    runs = [_stream_once(store, worker_kind=kind, epochs=epochs, batch_size=batch_size)
+            for _ in range(rounds) for kind in ("process", "thread")]
+    med = {k: statistics.median(r["gb_per_s"] for r in runs if r["worker_kind"] == k) for k in ("process", "thread")}
+    best = max((r for r in runs if r["worker_kind"] == "process"), key=lambda r: r["gb_per_s"])
+    return {**{k: v for k, v in best.items() if k != "gb_per_s"}, "gb_per_s": med["process"],
+            "thread_gb_per_s": med["thread"], "process_over_thread": med["process"] / med["thread"], "runs": runs,
+            "goal": {"gb_per_s >= 1.0": med["process"] >= 1.0}}
 
 
 def run_all(*, quick: bool, progress: Callable[[str], None] | None = None) -> dict:
@@ -111,5 +126,6 @@ def run_all(*, quick: bool, progress: Callable[[str], None] | None = None) -> di
         else:
             res = sweep(work, caps=[25.0, 100.0, 400.0], default_images=400, large_images=64,
                         samples={"default": 768, "large": 256}, progress=progress)
-        res["streaming"] = streaming_bench(work, n=128 if quick else 512, epochs=8 if quick else 12)
+        res["streaming"] = streaming_bench(work, n=128 if quick else 512, epochs=8 if quick else 12,
+                                           rounds=1 if quick else 3)
     return res

@@ -123,7 +123,9 @@ def up(
     store: Path = typer.Argument(..., help="store whose node directories to serve"),
     nodes: Optional[int] = typer.Option(None, help="how many node directories (default: all)"),
     link_mbps: Optional[float] = typer.Option(None, help="per-node link cap in MB/s (10^6 bytes/s)"),
-    workers_per_node: int = typer.Option(2, help="op threads per node"),
+    workers_per_node: int = typer.Option(2, help="worker processes running ops on each node"),
+    worker_kind: str = typer.Option("process", help="process (a decoder crash costs one request) or thread "
+                                    "(no process hop)"),
     host: str = typer.Option("127.0.0.1", help="address the nodes bind (default: loopback only)"),
     token: Optional[str] = typer.Option(None, envvar="NEARSTORE_TOKEN", help="require this token"),
     token_file: Optional[Path] = typer.Option(None, help="require the token in this file (it is not copied into "
@@ -134,14 +136,14 @@ def up(
                                                  "(default: --tls-cert, for a self-signed certificate)"),
 ) -> None:
     """Start a local cluster (one node process per node directory) and write STORE/cluster.json."""
-    from nearstore.node.cluster import CLUSTER_FILE, read_token_file, start_cluster
+    from nearstore.node.cluster import CLUSTER_FILE, NodeOptions, read_token_file, start_cluster
 
     if (store / CLUSTER_FILE).exists():
         raise typer.BadParameter(f"{store / CLUSTER_FILE} exists: run `nearstore down {store}` first")
     secret = read_token_file(token_file) if token_file else token
-    spec, procs = start_cluster(store, nodes=nodes, link_mbps=link_mbps, workers_per_node=workers_per_node,
-                                token=secret, host=host, tls_cert=_opt_str(tls_cert), tls_key=_opt_str(tls_key),
-                                tls_root_cert=_opt_str(tls_root_cert), detach=True)
+    opts = NodeOptions.of(link_mbps=link_mbps, workers_per_node=workers_per_node, worker_kind=worker_kind,
+                          token=secret, host=host, tls_cert=_opt_str(tls_cert), tls_key=_opt_str(tls_key))
+    spec, procs = start_cluster(store, opts, nodes=nodes, tls_root_cert=_opt_str(tls_root_cert), detach=True)
     for p in procs:
         if p.stdout:
             p.stdout.close()

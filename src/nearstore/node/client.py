@@ -64,6 +64,9 @@ class NodeClient:
     def _fail(self, exc: Exception) -> NearstoreError:
         if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError, ConnectionError)) or (
                 isinstance(exc, flight.FlightInternalError) and _BROKEN.search(str(exc))):
+            said = str(exc).split(". Detail:")[0]
+            if "worker process died" in said:  # the node is up but lost a worker: say so, not "start it"
+                return NodeUnavailableError(f"node {self.node} at {self.uri} is restarting its workers: {said}")
             return NodeUnavailableError(f"node {self.node} at {self.uri} is not answering ({type(exc).__name__}); "
                                         f"{self._hint}")
         msg = str(exc).split(". Detail:")[0]

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Literal
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nearstore.core.errors import ConfigError, NearstoreError, StoreError
 from nearstore.store.manifest import Manifest, node_dir_name
@@ -120,16 +121,33 @@ def _read_port(proc: subprocess.Popen, timeout: float) -> dict:
 
 
 class NodeOptions(BaseModel):
-    """How each node process of a local cluster is started."""
+    """How each node process of a local cluster is started (checked here, before any process starts)."""
 
     model_config = ConfigDict(extra="forbid")
-    link_mbps: float | None = None
-    workers_per_node: int = 2
+    link_mbps: float | None = Field(None, gt=0)
+    workers_per_node: int = Field(2, ge=1)
+    worker_kind: Literal["process", "thread"] = "process"
     token: str | None = None
     host: str = "127.0.0.1"
     tls_cert: str | None = None
     tls_key: str | None = None
-    slowdown: float = 1.0
+    slowdown: float = Field(1.0, ge=1.0)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "NodeOptions":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
+        return self
+
+    @classmethod
+    def of(cls, **kwargs: object) -> "NodeOptions":
+        """Build options; a bad value is a ``ConfigError`` naming the parameter and what it allows."""
+        try:
+            return cls(**kwargs)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(map(str, e["loc"]))
+            raise ConfigError(f"{where or 'node options'}: {e['msg']} (got {e.get('input')!r})") from None
 
     @property
     def scheme(self) -> str:
@@ -139,10 +157,16 @@ class NodeOptions(BaseModel):
 def start_node(store: Path, n: int, opts: NodeOptions, *, port: int = 0, detach: bool = False,
                timeout: float = 60.0) -> tuple[NodeEndpoint, subprocess.Popen]:
     """Start the server of node directory ``n``; returns when it prints its port."""
+    proc = _launch_node(store, n, opts, port=port, detach=detach)
+    return _await_node(store, n, opts, proc, timeout), proc
+
+
+def _launch_node(store: Path, n: int, opts: NodeOptions, *, port: int, detach: bool) -> subprocess.Popen:
     logs = store / ".nearstore"
     logs.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "nearstore.node.server", "--data", str(store / node_dir_name(n)),
-           "--host", opts.host, "--port", str(port), "--workers", str(opts.workers_per_node)]
+           "--host", opts.host, "--port", str(port), "--workers", str(opts.workers_per_node),
+           "--worker-kind", opts.worker_kind]
     if opts.link_mbps:
         cmd += ["--link-mbps", str(opts.link_mbps)]
     if opts.tls_cert:
@@ -152,18 +176,20 @@ def start_node(store: Path, n: int, opts: NodeOptions, *, port: int = 0, detach:
     env = dict(os.environ)
     if opts.token:
         env["NEARSTORE_TOKEN"] = opts.token
-    log = open(logs / f"{node_dir_name(n)}.log", "ab")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=detach)
-    log.close()
+    with open(logs / f"{node_dir_name(n)}.log", "ab") as log:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=detach)
+
+
+def _await_node(store: Path, n: int, opts: NodeOptions, proc: subprocess.Popen, timeout: float) -> NodeEndpoint:
     info = _read_port(proc, timeout)
     if not info.get("port"):
         proc.kill()
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
-        err = (logs / f"{node_dir_name(n)}.log").read_text()[-2000:]
+        err = (store / ".nearstore" / f"{node_dir_name(n)}.log").read_text()[-2000:]
         raise ClusterStartError(f"node {n} did not start: {err.strip() or 'no output'}")
-    return NodeEndpoint(node=n, uri=f"{opts.scheme}://{opts.host}:{info['port']}", pid=proc.pid), proc
+    return NodeEndpoint(node=n, uri=f"{opts.scheme}://{opts.host}:{info['port']}", pid=proc.pid)
 
 
 def wait_healthy(spec: ClusterSpec, endpoints: list[NodeEndpoint], timeout: float) -> None:
@@ -185,37 +211,28 @@ def wait_healthy(spec: ClusterSpec, endpoints: list[NodeEndpoint], timeout: floa
             client.close()
 
 
-def start_cluster(store: str | Path, *, nodes: int | None = None, link_mbps: float | None = None,
-                  workers_per_node: int = 2, token: str | None = None, host: str = "127.0.0.1",
-                  tls_cert: str | None = None, tls_key: str | None = None, tls_root_cert: str | None = None,
-                  slowdown: float = 1.0, detach: bool = False,
+def start_cluster(store: str | Path, opts: NodeOptions | None = None, *, nodes: int | None = None,
+                  tls_root_cert: str | None = None, detach: bool = False,
                   timeout: float = 60.0) -> tuple[ClusterSpec, list[subprocess.Popen]]:
-    """Start one node process per node directory and wait until each answers ``health``.
+    """Start one node process per node directory (``opts``: how) and wait until each answers ``health``.
 
-    With ``tls_cert``/``tls_key`` the nodes speak TLS; ``tls_root_cert`` (default: the
+    With ``opts.tls_cert``/``tls_key`` the nodes speak TLS; ``tls_root_cert`` (default: the
     certificate itself, as for a self-signed one) is what clients verify them against.
     """
     store = Path(store)
+    opts = opts or NodeOptions()
     man = Manifest.load(store)
     k = man.nodes if nodes is None else nodes
     if not 1 <= k <= man.nodes:
         raise ConfigError(f"nodes must be in 1..{man.nodes} (the store has {man.nodes} node directories), got {k}")
-    if workers_per_node < 1:
-        raise ConfigError(f"workers_per_node must be >= 1 (got {workers_per_node})")
-    if bool(tls_cert) != bool(tls_key):
-        raise ConfigError("tls_cert and tls_key go together: give both (PEM files) or neither")
-    opts = NodeOptions(link_mbps=link_mbps, workers_per_node=workers_per_node, token=token, host=host,
-                       tls_cert=tls_cert, tls_key=tls_key, slowdown=slowdown)
     procs: list[subprocess.Popen] = []
     endpoints: list[NodeEndpoint] = []
     try:
-        for n in range(k):
-            ep, proc = start_node(store, n, opts, detach=detach, timeout=timeout)
-            endpoints.append(ep)
-            procs.append(proc)
-        spec = ClusterSpec(dataset=man.name, nodes=endpoints, token=token, link_mbps=link_mbps,
-                           workers_per_node=workers_per_node,
-                           tls_root_cert=tls_root_cert or tls_cert)
+        for n in range(k):  # all at once: each node starts its workers while the others start theirs
+            procs.append(_launch_node(store, n, opts, port=0, detach=detach))
+        endpoints = [_await_node(store, n, opts, proc, timeout) for n, proc in enumerate(procs)]
+        spec = ClusterSpec(dataset=man.name, nodes=endpoints, token=opts.token, link_mbps=opts.link_mbps,
+                           workers_per_node=opts.workers_per_node, tls_root_cert=tls_root_cert or opts.tls_cert)
         wait_healthy(spec, endpoints, timeout)
     except BaseException:
         _terminate(procs)
@@ -276,15 +293,13 @@ class LocalCluster:
     again on the same port, so loaders holding the spec use it again.
     """
 
-    def __init__(self, store: str | Path, *, nodes: int | None = None, link_mbps: float | None = None,
-                 workers_per_node: int = 2, token: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, tls_root_cert: str | None = None, slowdown: float = 1.0) -> None:
+    def __init__(self, store: str | Path, *, nodes: int | None = None, tls_root_cert: str | None = None,
+                 **options: object) -> None:
+        """``options``: the fields of ``NodeOptions`` (link_mbps, workers_per_node, worker_kind, token,
+        tls_cert, tls_key, slowdown)."""
         self.store = Path(store)
-        self.spec, self.procs = start_cluster(store, nodes=nodes, link_mbps=link_mbps,
-                                              workers_per_node=workers_per_node, token=token, tls_cert=tls_cert,
-                                              tls_key=tls_key, tls_root_cert=tls_root_cert, slowdown=slowdown)
-        self._opts = NodeOptions(link_mbps=link_mbps, workers_per_node=workers_per_node, token=token,
-                                 tls_cert=tls_cert, tls_key=tls_key, slowdown=slowdown)
+        self._opts = NodeOptions.of(**options)
+        self.spec, self.procs = start_cluster(store, self._opts, nodes=nodes, tls_root_cert=tls_root_cert)
 
     def kill(self, n: int) -> None:
         proc = self.procs[n]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,7 @@ from nearstore.core.errors import ConfigError
 
 __all__ = [
     "MAX_TICKET_BYTES", "MAX_SAMPLES", "Ticket", "parse_ticket", "response_schema", "encode_rows",
+    "pack_rows", "assemble_rows", "Packed",
     "decode_rows", "wire_bytes", "NAME_RE", "Row", "ERROR_KINDS",
 ]
 
@@ -123,11 +124,29 @@ def response_schema(kind: str, dtype: str) -> pa.Schema:
 ERROR_KINDS = ("checksum", "decode", "read")
 
 
-def encode_rows(schema: pa.Schema, rows: list[tuple]) -> pa.RecordBatch:
-    """Rows of (sample, key, label, output[, error_kind, error]) -> a record batch.
+class Packed(NamedTuple):
+    """Every column of a response batch but the payload, which ``pack_rows`` copied elsewhere."""
 
-    Outputs are bytes or numpy arrays (None for a row that carries an error).
-    The data column is built from one joined buffer (a single copy of the outputs).
+    samples: list[int]
+    keys: list[str]
+    labels: list[int]
+    shapes: list[list[int]]
+    crcs: list[int]
+    kinds: list[str | None]
+    errors: list[str | None]
+    offsets: np.ndarray  # int32, len(rows) + 1
+
+    @property
+    def payload_bytes(self) -> int:
+        return int(self.offsets[-1])
+
+
+def pack_rows(rows: list[tuple], payload: Callable[[int], Any]) -> Packed:
+    """Copy the outputs of rows (sample, key, label, output[, error_kind, error]) back to back into
+    ``payload(total_bytes)`` (any writable buffer of at least that size) and describe them.
+
+    Outputs are bytes or numpy arrays (None for a row that carries an error);
+    each row's crc32c is computed here, over exactly the bytes sent.
     """
     views, shapes, crcs = [], [], []
     kinds: list[str | None] = []
@@ -149,24 +168,43 @@ def encode_rows(schema: pa.Schema, rows: list[tuple]) -> pa.RecordBatch:
         crcs.append(crc32c(view))
     offsets = np.zeros(len(views) + 1, np.int32)
     np.cumsum([v.nbytes for v in views], out=offsets[1:])
-    joined = pa.allocate_buffer(int(offsets[-1]))  # Arrow's pool reuses memory: no fresh pages per batch
-    dst = np.frombuffer(joined, np.uint8)
+    total = int(offsets[-1])
+    dst = np.frombuffer(payload(total), np.uint8, count=total)
     for v, a, b in zip(views, offsets[:-1], offsets[1:]):
         dst[a:b] = np.frombuffer(v, np.uint8)
-    data = pa.Array.from_buffers(pa.binary(), len(views), [None, pa.py_buffer(offsets), joined])
+    return Packed([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], shapes, crcs, kinds, errors,
+                  offsets)
+
+
+def assemble_rows(schema: pa.Schema, packed: Packed, payload: pa.Buffer) -> pa.RecordBatch:
+    """The record batch of ``packed`` rows whose outputs lie in ``payload`` (used as is: no copy)."""
+    n = len(packed.samples)
+    data = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(packed.offsets), payload])
     return pa.RecordBatch.from_arrays(
         [
-            pa.array([r[0] for r in rows], pa.int64()),
-            pa.array([r[1] for r in rows], pa.string()),
-            pa.array([r[2] for r in rows], pa.int32()),
+            pa.array(packed.samples, pa.int64()),
+            pa.array(packed.keys, pa.string()),
+            pa.array(packed.labels, pa.int32()),
             data,
-            pa.array(shapes, pa.list_(pa.int32())),
-            pa.array(crcs, pa.uint32()),
-            pa.array(kinds, pa.string()),
-            pa.array(errors, pa.string()),
+            pa.array(packed.shapes, pa.list_(pa.int32())),
+            pa.array(packed.crcs, pa.uint32()),
+            pa.array(packed.kinds, pa.string()),
+            pa.array(packed.errors, pa.string()),
         ],
         schema=schema,
     )
+
+
+def encode_rows(schema: pa.Schema, rows: list[tuple]) -> pa.RecordBatch:
+    """Rows -> a record batch; the outputs are copied once, into one buffer from Arrow's pool."""
+    box: list[pa.Buffer] = []
+
+    def alloc(n: int) -> pa.Buffer:
+        box.append(pa.allocate_buffer(n))  # Arrow's pool reuses memory: no fresh pages per batch
+        return box[0]
+
+    packed = pack_rows(rows, alloc)
+    return assemble_rows(schema, packed, box[0])
 
 
 class Row(NamedTuple):

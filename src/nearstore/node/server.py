@@ -1,8 +1,8 @@
 """A storage node: an Arrow Flight server that owns one node directory of a store.
 
 It reads the samples a ticket names, verifies their crc32c, runs the ticket's
-op prefix (the same ``Pipeline`` code the host runs) on ``workers`` threads,
-and streams record batches back, paced by an optional link cap that emulates
+op prefix (the same ``Pipeline`` code the host runs) on ``workers`` worker
+processes (``workers.py``), and streams record batches back, paced by an optional link cap that emulates
 the storage-to-compute link. Every bad request is answered with a precise
 Flight error; nothing a client sends can stop the server.
 
@@ -20,19 +20,18 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError, StoreError
+from nearstore.core.errors import ConfigError, NearstoreError
 from nearstore.node.cluster import read_token_file, token_from_env
-from nearstore.node.protocol import encode_rows, parse_ticket, response_schema, wire_bytes
-from nearstore.ops.image import worker_init
+from nearstore.node.protocol import parse_ticket, response_schema, wire_bytes
+from nearstore.node.workers import WORKER_KINDS, NodeWork, WorkerCrashedError, WorkerKind, WorkerPool
 from nearstore.ops.pipeline import Pipeline, input_spec_of
-from nearstore.store.store import Store
 
 __all__ = ["NodeServer", "LinkCap", "TokenMiddlewareFactory", "main"]
 
@@ -106,20 +105,23 @@ class _Stats:
 
 
 class NodeServer(flight.FlightServerBase):
-    """Serve one node directory. ``link_bytes_per_s`` caps what it sends; ``workers`` threads run ops."""
+    """Serve one node directory. ``link_bytes_per_s`` caps what it sends; ``workers`` processes run ops."""
 
     def __init__(self, data: str | Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 2,
-                 link_bytes_per_s: float | None = None, token: str | None = None,
-                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 worker_kind: WorkerKind = "process", link_bytes_per_s: float | None = None,
+                 token: str | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                  slowdown: float = 1.0, allow_shutdown: bool = False) -> None:
         if workers < 1:
             raise ConfigError(f"workers must be >= 1 (got {workers})")
+        if worker_kind not in WORKER_KINDS:
+            raise ConfigError(f"worker_kind must be one of {', '.join(WORKER_KINDS)} (got {worker_kind!r})")
         if slowdown < 1.0:
             raise ConfigError(f"slowdown must be >= 1 (1: full speed; got {slowdown})")
         self.slowdown = slowdown
         if link_bytes_per_s is not None and link_bytes_per_s <= 0:
             raise ConfigError(f"link cap must be > 0 bytes/s (got {link_bytes_per_s})")
-        self.store = Store.node(data)
+        self.work = NodeWork(data, slowdown=slowdown)  # validates tickets here; runs them on thread workers
+        self.store = self.work.store
         self.node_id = self.store.node_id
         middleware = {"auth": TokenMiddlewareFactory(token)} if token else None
         if bool(tls_cert) != bool(tls_key):
@@ -131,31 +133,20 @@ class NodeServer(flight.FlightServerBase):
             except OSError as exc:
                 raise ConfigError(f"cannot read TLS certificate or key {exc.filename}: {exc.strerror}") from None
         scheme = "grpc+tls" if certs else "grpc"
-        try:
-            super().__init__(f"{scheme}://{host}:{port}", middleware=middleware, tls_certificates=certs)
-        except (pa.ArrowException, OSError) as exc:
-            raise ConfigError(f"cannot serve on {scheme}://{host}:{port}: {exc}") from None
         self.workers = workers
         self.link = LinkCap(link_bytes_per_s)
         self.stats = _Stats()
         self.allow_shutdown = allow_shutdown
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="nearstore-node", initializer=worker_init)
-        self._pipelines: dict[str, Pipeline] = {}
-        self._pipelines_lock = threading.Lock()
+        self.pool = WorkerPool(self.work, workers=workers, kind=worker_kind)  # ready before the first call
+        try:
+            super().__init__(f"{scheme}://{host}:{port}", middleware=middleware, tls_certificates=certs)
+        except (pa.ArrowException, OSError) as exc:
+            self.pool.close()
+            raise ConfigError(f"cannot serve on {scheme}://{host}:{port}: {exc}") from None
 
     # -- helpers -----------------------------------------------------------------
     def _pipeline(self, ops: list[dict | str]) -> Pipeline:
-        key = json.dumps(ops, sort_keys=True)
-        with self._pipelines_lock:
-            p = self._pipelines.get(key)
-        if p is None:
-            p = Pipeline(ops)
-            p.declare(input_spec_of(self.store.manifest))  # kind errors before any work
-            with self._pipelines_lock:
-                if len(self._pipelines) > 64:
-                    self._pipelines.clear()
-                self._pipelines[key] = p
-        return p
+        return self.work.pipeline(ops)
 
     def _bad(self, msg: str) -> flight.FlightServerError:
         with self.stats.lock:
@@ -166,49 +157,16 @@ class NodeServer(flight.FlightServerBase):
         if name != self.store.manifest.name:
             raise self._bad(f"unknown dataset {name!r}: node {self.node_id} serves {self.store.manifest.name!r}")
 
-    def _process(self, pipe: Pipeline, sample: int, seed: int, epoch: int) -> tuple:
-        """(sample, key, label, output, error_kind, error) for one sample; a bad sample is a row, not a failure.
-
-        ``checksum``/``read``: this node's copy is bad (the loader asks a
-        replica); ``decode``: the sample itself is bad (every copy would fail).
-        """
-        t0 = time.perf_counter()
-        try:
-            data, ref = self.store.read(sample)
-        except StoreError as exc:
-            kind = "checksum" if isinstance(exc, ChecksumError) else "read"
-            try:  # only on failure: which key it was (the shard's index may itself be unreadable)
-                bad = self.store.ref(sample)
-                return self._row_error(sample, bad.key, bad.label, kind, exc)
-            except StoreError:
-                return self._row_error(sample, f"#{sample}", -1, kind, exc)
-        t1 = time.perf_counter()
-        timings: dict[str, float] = {}
-        try:
-            out = pipe.run(data, key=ref.key, seed=seed, epoch=epoch, timings=timings) if pipe.ops else data
-        except SampleDecodeError as exc:
-            return self._row_error(sample, ref.key, ref.label, "decode", exc)
-        self._slow(timings)
+    def _add(self, delta: dict) -> None:
+        """Fold a worker's stats delta into the node's counters."""
         with self.stats.lock:
-            self.stats.read_seconds += t1 - t0
-            self.stats.read_bytes += len(data)
-            for k, v in timings.items():
+            self.stats.read_seconds += delta["read_seconds"]
+            self.stats.read_bytes += delta["read_bytes"]
+            for k, v in delta["op_seconds"].items():
                 self.stats.op_seconds[k] = self.stats.op_seconds.get(k, 0.0) + v
-        return sample, ref.key, ref.label, out, None, None
-
-    def _slow(self, timings: dict[str, float]) -> None:
-        """Emulate a weaker node CPU: ops take ``slowdown`` times as long (the extra is idle time)."""
-        if self.slowdown > 1.0 and timings:
-            extra = {k: v * (self.slowdown - 1.0) for k, v in timings.items()}
-            time.sleep(sum(extra.values()))
-            for k, v in extra.items():
-                timings[k] += v
-
-    def _row_error(self, sample: int, key: str, label: int, kind: str, exc: Exception) -> tuple:
-        with self.stats.lock:
-            self.stats.errors += 1
-            self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
-        return sample, key, label, None, kind, f"node {self.node_id}: {exc}"
+            for k, v in delta["errors_by_kind"].items():
+                self.stats.errors += v
+                self.stats.errors_by_kind[k] = self.stats.errors_by_kind.get(k, 0) + v
 
     # -- Flight methods ------------------------------------------------------------
     def do_get(self, context, ticket):  # noqa: ANN001, ANN201
@@ -231,33 +189,33 @@ class NodeServer(flight.FlightServerBase):
         schema = response_schema(spec.kind, "bytes" if not pipe.ops else spec.dtype)
         with self.stats.lock:
             self.stats.requests += 1
-        return flight.GeneratorStream(schema, self._stream(schema, pipe, t.seed, t.epoch, ids, t.batch_size,
-                                                           context))
+        return flight.GeneratorStream(schema, self._stream(t.ops, t.seed, t.epoch, ids, t.batch_size, context))
 
-    def _message(self, schema: pa.Schema, pipe: Pipeline, ids: list[int], seed: int, epoch: int) -> pa.RecordBatch:
-        """Read, verify, transform and encode the samples of one record batch (runs on a worker thread)."""
-        return encode_rows(schema, [self._process(pipe, sid, seed, epoch) for sid in ids])
-
-    def _stream(self, schema: pa.Schema, pipe: Pipeline, seed: int, epoch: int, ids: list[int], batch_size: int,
+    def _stream(self, ops: list, seed: int, epoch: int, ids: list[int], batch_size: int,
                 context) -> Iterator[pa.RecordBatch]:  # noqa: ANN001
         """Record batches of ``batch_size`` rows, built on the workers a few ahead, sent in order."""
         chunks = iter([ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
         pending: deque[Future] = deque()
         try:
             for chunk in chunks:
-                pending.append(self._pool.submit(self._message, schema, pipe, chunk, seed, epoch))
+                pending.append(self.pool.submit(ops, chunk, seed, epoch))
                 if len(pending) >= 2 * self.workers:
                     break
             while pending:
                 try:
-                    batch = pending.popleft().result()
+                    batch, delta = self.pool.result(pending.popleft())
+                except WorkerCrashedError as exc:  # unavailable: a loader re-asks a replica, then this node again
+                    with self.stats.lock:
+                        self.stats.errors += 1
+                    raise flight.FlightUnavailableError(f"node {self.node_id}: {exc}") from None
                 except NearstoreError as exc:
                     with self.stats.lock:
                         self.stats.errors += 1
                     raise flight.FlightServerError(f"node {self.node_id}: {exc}") from None
+                self._add(delta)
                 nxt = next(chunks, None)
                 if nxt is not None:
-                    pending.append(self._pool.submit(self._message, schema, pipe, nxt, seed, epoch))
+                    pending.append(self.pool.submit(ops, nxt, seed, epoch))
                 size = wire_bytes(batch)
                 waited = self.link.send(size)
                 with self.stats.lock:
@@ -270,7 +228,7 @@ class NodeServer(flight.FlightServerBase):
                 yield batch
         finally:
             for f in pending:
-                f.cancel()
+                self.pool.discard(f)
 
     def list_actions(self, context):  # noqa: ANN001, ANN201
         return [("health", "liveness and what this node holds"), ("stats", "counters since start"),
@@ -285,15 +243,16 @@ class NodeServer(flight.FlightServerBase):
             man = self.store.manifest
             held = [s.name for i, s in enumerate(man.shards) if self.store.holds(i)]
             result = {"ok": True, "node": self.node_id, "dataset": man.name, "samples": man.num_samples,
-                      "shards_held": len(held), "workers": self.workers, "link_bytes_per_s": self.link.rate,
+                      "shards_held": len(held), "workers": self.workers, "worker_kind": self.pool.kind,
+                      "worker_restarts": self.pool.restarts, "worker_pids": self.pool.pids, "link_bytes_per_s": self.link.rate,
                       "slowdown": self.slowdown,
                       "pid": os.getpid()}
         elif kind == "stats":
-            result = {**self.stats.snapshot(), "cpu_seconds": time.process_time()}
+            result = {**self.stats.snapshot(), "cpu_seconds": self.pool.cpu_seconds()}
         elif kind == "manifest":
             result = json.loads(self.store.manifest.dumps())
         elif kind == "profile":
-            result = self._pool.submit(self._profile, body).result()  # on a worker: same threads as serving
+            result = self._profile(body)
         elif kind == "shutdown":
             if not self.allow_shutdown:
                 raise self._bad("shutdown is not allowed on this node (start it with --allow-shutdown)")
@@ -311,34 +270,17 @@ class NodeServer(flight.FlightServerBase):
             n = int(req.get("n", 16))
             if not 1 <= n <= MAX_PROFILE_SAMPLES:
                 raise ValueError(f"n must be in 1..{MAX_PROFILE_SAMPLES}")
-            pipe = self._pipeline(list(req.get("ops", [])))
+            self._pipeline(list(req.get("ops", [])))
         except (ValueError, TypeError, NearstoreError) as exc:
             raise self._bad(f"bad profile request: {exc}") from None
-        man = self.store.manifest
-        ids = [s.first + j for i, s in enumerate(man.shards) if self.store.holds(i) for j in range(s.samples)][:n]
-        stage_s = {st.name: 0.0 for st in pipe.stages}
-        out_bytes = {st.name: 0 for st in pipe.stages}
-        read_s = raw = 0.0
-        for sid in ids:
-            t0 = time.perf_counter()
-            x, ref = self.store.read(sid)
-            read_s += time.perf_counter() - t0
-            raw += len(x)
-            for st in pipe.stages:
-                t = {st.name: 0.0}
-                y = pipe.run(x, key=ref.key, seed=0, epoch=0, start=st.start, stop=st.stop, timings=t)
-                self._slow(t)
-                stage_s[st.name] += t[st.name]
-                out_bytes[st.name] += y.nbytes if hasattr(y, "nbytes") else len(y)
-                x = y
-        k = max(len(ids), 1)
-        return {"node": self.node_id, "samples": len(ids), "read_seconds": read_s / k, "raw_bytes": raw / k,
-                "stages": [{"name": st.name, "start": st.start, "stop": st.stop, "seconds": stage_s[st.name] / k,
-                            "out_bytes": out_bytes[st.name] / k} for st in pipe.stages]}
+        try:
+            return self.pool.profile(list(req.get("ops", [])), n)  # on a worker: the processes that serve
+        except NearstoreError as exc:
+            raise flight.FlightServerError(f"node {self.node_id}: {exc}") from None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self.store.close()
+        self.pool.close()
+        self.work.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="the node directory (STORE/node-XXX)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     ap.add_argument("--port", type=int, default=0, help="port (0: any free port, printed on start)")
-    ap.add_argument("--workers", type=int, default=2, help="threads running ops")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes running ops (default 2)")
+    ap.add_argument("--worker-kind", choices=WORKER_KINDS, default="process",
+                    help="process (default): a crash in a decoder costs one request; thread: no process hop")
     ap.add_argument("--link-mbps", type=float, default=None,
                     help="cap on bytes sent, in MB/s (10^6 bytes per second): emulates the link")
     ap.add_argument("--token", default=None,
@@ -361,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         token = args.token or (read_token_file(args.token_file) if args.token_file else token_from_env())
         server = NodeServer(args.data, host=args.host, port=args.port, workers=args.workers,
+                            worker_kind=args.worker_kind,
                             link_bytes_per_s=args.link_mbps * 1e6 if args.link_mbps else None, token=token,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, slowdown=args.slowdown,
                             allow_shutdown=args.allow_shutdown)

@@ -17,7 +17,6 @@ import math
 from typing import Annotated
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from nearstore.core.errors import SampleDecodeError
@@ -51,6 +50,8 @@ def worker_init() -> None:
     The setting is per thread (OpenMP's nthreads-var), so the caller's own
     threads, e.g. a training loop, keep theirs.
     """
+    import torch  # here and below on first use: a process that only validates pipelines never loads torch
+
     torch.set_num_threads(1)
 
 
@@ -62,6 +63,8 @@ def resize_hwc(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """
     if arr.shape[0] == out_h and arr.shape[1] == out_w:
         return arr
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
     out = torch.nn.functional.interpolate(t, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
     return out[0].numpy().transpose(1, 2, 0)
@@ -364,7 +367,6 @@ class Normalize(Op):
         std = np.asarray(self.params.std, np.float32)
         self._scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
         self._shift = (np.asarray(self.params.mean, np.float32) / std).reshape(3, 1, 1)
-        self._tscale, self._tshift = torch.from_numpy(self._scale), torch.from_numpy(self._shift)
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         out = np.empty(x.shape, np.float32)
@@ -372,8 +374,10 @@ class Normalize(Op):
         return out
 
     def into(self, x: np.ndarray, rng: np.random.Generator | None, out: np.ndarray) -> None:
+        import torch
+
         t = torch.from_numpy(out)
         x = np.ascontiguousarray(x)
         src = torch.from_numpy(x) if x.flags.writeable else torch.tensor(x)  # e.g. a view of a received buffer
-        torch.mul(src, self._tscale, out=t)
-        t.sub_(self._tshift)
+        torch.mul(src, torch.from_numpy(self._scale), out=t)
+        t.sub_(torch.from_numpy(self._shift))

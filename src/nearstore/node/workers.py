@@ -1,0 +1,462 @@
+"""A node's workers: the processes that turn sample ids into response record batches.
+
+Each worker opens the node directory itself and, for one chunk of sample ids,
+reads every sample, verifies its crc32c, runs the ticket's op prefix (the same
+``Pipeline`` code the host runs) and encodes the rows as one Arrow record
+batch (``NodeWork``). Process workers hand the outputs back through shared memory
+(``/dev/shm``): the server owns slots (files both sides map once and reuse), a
+task names the slot to fill, the worker copies the samples' outputs into it
+(the one copy the thread path makes too) and returns only the small columns
+(keys, labels, shapes, crc32c) by pickle; the server builds the record batch
+around the slot and sends it from there. The slot is free again when Arrow
+drops the last reference to it. A batch too big for a slot, or no free slot,
+comes back by pickle instead (a copy more).
+
+A worker that dies (a crash in a native decoder, the OOM killer) fails only the
+request it was serving, with ``WorkerCrashedError``; the pool starts fresh
+workers and the node keeps serving. Workers exit on their own when the node
+process is gone. ``kind="thread"`` runs the same ``NodeWork`` on threads of the
+server process (no process hop; a crash takes the node down).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import mmap
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError, StoreError
+from nearstore.node.protocol import Packed, assemble_rows, encode_rows, pack_rows, response_schema
+from nearstore.ops.image import worker_init
+from nearstore.ops.pipeline import Pipeline, input_spec_of
+from nearstore.store.store import Store
+
+__all__ = ["NodeWork", "WorkerPool", "WorkerCrashedError", "WORKER_KINDS"]
+
+WORKER_KINDS = ("process", "thread")
+WorkerKind = Literal["process", "thread"]
+
+
+class WorkerCrashedError(NearstoreError, RuntimeError):
+    """A node worker process died while serving a request; the node restarted its workers."""
+
+
+def _new_delta() -> dict:
+    return {"read_seconds": 0.0, "read_bytes": 0, "op_seconds": {}, "errors_by_kind": {}}
+
+
+class NodeWork:
+    """What one worker does, the same in a process or a thread: read, verify, transform, encode."""
+
+    def __init__(self, data: str | Path, *, slowdown: float = 1.0) -> None:
+        self.store = Store.node(data)
+        self.slowdown = slowdown
+        self._pipelines: dict[str, Pipeline] = {}
+        self._lock = threading.Lock()
+
+    def pipeline(self, ops: list[dict | str]) -> Pipeline:
+        """The validated pipeline for ``ops`` (cached; kind errors raise before any work)."""
+        key = json.dumps(ops, sort_keys=True)
+        with self._lock:
+            p = self._pipelines.get(key)
+        if p is None:
+            p = Pipeline(ops)
+            p.declare(input_spec_of(self.store.manifest))
+            with self._lock:
+                if len(self._pipelines) > 64:
+                    self._pipelines.clear()
+                self._pipelines[key] = p
+        return p
+
+    def schema(self, ops: list) -> pa.Schema:
+        """The response schema for ``ops`` on this store."""
+        pipe = self.pipeline(ops)
+        spec = pipe.declare(input_spec_of(self.store.manifest))[-1]
+        return response_schema(spec.kind, "bytes" if not pipe.ops else spec.dtype)
+
+    def rows(self, ops: list, ids: list[int], seed: int, epoch: int) -> tuple[list[tuple], dict]:
+        """The response rows for ``ids`` and the stats they add (read time and bytes, op time, errors)."""
+        pipe = self.pipeline(ops)
+        delta = _new_delta()
+        return [self._row(pipe, sid, seed, epoch, delta) for sid in ids], delta
+
+    def message(self, ops: list, ids: list[int], seed: int, epoch: int) -> tuple[pa.RecordBatch, dict]:
+        """The record batch for ``ids`` and its stats delta (the thread workers' whole task)."""
+        rows, delta = self.rows(ops, ids, seed, epoch)
+        return encode_rows(self.schema(ops), rows), delta
+
+    def _row(self, pipe: Pipeline, sample: int, seed: int, epoch: int, delta: dict) -> tuple:
+        """(sample, key, label, output, error_kind, error) for one sample; a bad sample is a row, not a failure.
+
+        ``checksum``/``read``: this node's copy is bad (the loader asks a
+        replica); ``decode``: the sample itself is bad (every copy would fail).
+        """
+        t0 = time.perf_counter()
+        try:
+            data, ref = self.store.read(sample)
+        except StoreError as exc:
+            kind = "checksum" if isinstance(exc, ChecksumError) else "read"
+            try:  # only on failure: which key it was (the shard's index may itself be unreadable)
+                bad = self.store.ref(sample)
+                return self._error(delta, sample, bad.key, bad.label, kind, exc)
+            except StoreError:
+                return self._error(delta, sample, f"#{sample}", -1, kind, exc)
+        t1 = time.perf_counter()
+        timings: dict[str, float] = {}
+        try:
+            out = pipe.run(data, key=ref.key, seed=seed, epoch=epoch, timings=timings) if pipe.ops else data
+        except SampleDecodeError as exc:
+            return self._error(delta, sample, ref.key, ref.label, "decode", exc)
+        self.slow(timings)
+        delta["read_seconds"] += t1 - t0
+        delta["read_bytes"] += len(data)
+        for k, v in timings.items():
+            delta["op_seconds"][k] = delta["op_seconds"].get(k, 0.0) + v
+        return sample, ref.key, ref.label, out, None, None
+
+    def _error(self, delta: dict, sample: int, key: str, label: int, kind: str, exc: Exception) -> tuple:
+        delta["errors_by_kind"][kind] = delta["errors_by_kind"].get(kind, 0) + 1
+        return sample, key, label, None, kind, f"node {self.store.node_id}: {exc}"
+
+    def slow(self, timings: dict[str, float]) -> None:
+        """Emulate a weaker node CPU: ops take ``slowdown`` times as long (the extra is idle time)."""
+        if self.slowdown > 1.0 and timings:
+            extra = {k: v * (self.slowdown - 1.0) for k, v in timings.items()}
+            time.sleep(sum(extra.values()))
+            for k, v in extra.items():
+                timings[k] += v
+
+    def profile(self, ops: list, n: int) -> dict:
+        """Run the op chain stage by stage on the first ``n`` samples this node holds: seconds and bytes out."""
+        pipe = self.pipeline(ops)
+        man = self.store.manifest
+        ids = [s.first + j for i, s in enumerate(man.shards) if self.store.holds(i) for j in range(s.samples)][:n]
+        stage_s = {st.name: 0.0 for st in pipe.stages}
+        out_bytes = {st.name: 0 for st in pipe.stages}
+        read_s = raw = 0.0
+        for sid in ids:
+            t0 = time.perf_counter()
+            x, ref = self.store.read(sid)
+            read_s += time.perf_counter() - t0
+            raw += len(x)
+            for st in pipe.stages:
+                t = {st.name: 0.0}
+                y = pipe.run(x, key=ref.key, seed=0, epoch=0, start=st.start, stop=st.stop, timings=t)
+                self.slow(t)
+                stage_s[st.name] += t[st.name]
+                out_bytes[st.name] += y.nbytes if hasattr(y, "nbytes") else len(y)
+                x = y
+        k = max(len(ids), 1)
+        return {"node": self.store.node_id, "samples": len(ids), "read_seconds": read_s / k, "raw_bytes": raw / k,
+                "stages": [{"name": st.name, "start": st.start, "stop": st.stop, "seconds": stage_s[st.name] / k,
+                            "out_bytes": out_bytes[st.name] / k} for st in pipe.stages]}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+# -- the worker-process side ---------------------------------------------------------
+_WORK: NodeWork | None = None
+_BARRIER: "threading.Barrier | None" = None
+
+
+def _init_process(data: str, slowdown: float, out_dir: str, barrier: "threading.Barrier") -> None:
+    global _WORK, _BARRIER
+    _BARRIER = barrier
+    worker_init()
+    _WORK = NodeWork(data, slowdown=slowdown)
+    threading.Thread(target=_watch_parent, args=(out_dir,), daemon=True, name="nearstore-parent-watch").start()
+
+
+def _watch_parent(out_dir: str) -> None:
+    """Exit when the node process is gone (killed with SIGKILL, it cannot stop its workers itself)."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+    mp.connection.wait([parent.sentinel])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os._exit(0)
+
+
+def _message_in_process(ops: list, ids: list[int], seed: int, epoch: int,
+                        slot: tuple[str, int] | None) -> tuple[Packed, pa.Buffer | None, dict]:
+    """Copy the outputs for ``ids`` into ``slot`` (path, size) when they fit, else return them by pickle."""
+    assert _WORK is not None, "worker not initialized"
+    rows, delta = _WORK.rows(ops, ids, seed, epoch)
+    delta["cpu"] = (os.getpid(), time.process_time())
+    inline: list[pa.Buffer] = []
+
+    def into(n: int) -> Any:
+        if slot is not None and n <= slot[1]:
+            return _slot_map(*slot)
+        inline.append(pa.allocate_buffer(n))
+        return inline[0]
+
+    packed = pack_rows(rows, into)
+    return packed, (inline[0] if inline else None), delta
+
+
+_MAPS: dict[str, mmap.mmap] = {}  # slot path -> this worker's mapping of it, oldest first
+_MAX_MAPS = 64
+
+
+def _slot_map(path: str, size: int) -> mmap.mmap:
+    """This worker's mapping of the slot file ``path`` (made on first use; the oldest dropped past 64)."""
+    mm = _MAPS.get(path)
+    if mm is None:
+        while len(_MAPS) >= _MAX_MAPS:
+            _MAPS.pop(next(iter(_MAPS))).close()
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mm = _MAPS[path] = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+    return mm
+
+
+def _profile_in_process(ops: list, n: int) -> dict:
+    assert _WORK is not None, "worker not initialized"
+    return {**_WORK.profile(ops, n), "cpu": (os.getpid(), time.process_time())}
+
+
+def _ready() -> int:
+    assert _BARRIER is not None, "worker not initialized"
+    _BARRIER.wait(60)  # each worker holds one of these tasks at once: the pids are all of the pool's processes
+    return os.getpid()
+
+
+def _shared_memory_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+class _Slot:
+    def __init__(self, path: str, size: int) -> None:
+        self.path, self.size = path, size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)  # real pages now: a full /dev/shm is an error here, not a SIGBUS later
+            self.map = mmap.mmap(fd, size)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        self._anchor = ctypes.c_char.from_buffer(self.map)
+        self.address = ctypes.addressof(self._anchor)
+
+    def close(self) -> None:
+        del self._anchor
+        self.map.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+class _Lease:
+    """Owns a slot while Arrow holds buffers that point into it; gives it back when collected."""
+
+    __slots__ = ("slots", "slot")
+
+    def __init__(self, slots: "_Slots", slot: _Slot) -> None:
+        self.slots, self.slot = slots, slot
+
+    def __del__(self) -> None:
+        self.slots.release(self.slot)
+
+
+class _Slots:
+    """The server's shared-memory slots: taken per task, free again when the batch read from them is gone."""
+
+    def __init__(self, directory: str, *, max_slots: int = 32, size: int = 16 << 20, cap: int = 128 << 20) -> None:
+        self.dir, self.max_slots, self.size, self.cap = directory, max_slots, size, cap
+        self._free: list[_Slot] = []
+        self._count = 0
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    def take(self) -> _Slot | None:
+        """A free slot (made on demand, up to ``max_slots``); None when all are busy (use a file)."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if self._count >= self.max_slots:
+                return None
+            self._count += 1
+            size = self.size
+        try:
+            return _Slot(os.path.join(self.dir, f"slot-{next(self._seq)}"), size)
+        except OSError:
+            with self._lock:
+                self._count -= 1
+            return None
+
+    def release(self, slot: _Slot) -> None:
+        with self._lock:
+            if slot.size >= self.size:
+                self._free.append(slot)
+                return
+            self._count -= 1  # too small for today's batches: replaced by a bigger one on demand
+        slot.close()
+
+    def grow(self, need: int) -> None:
+        """Batches need ``need`` bytes: make new slots that big (up to ``cap``)."""
+        with self._lock:
+            self.size = min(self.cap, max(self.size, 1 << (int(need) - 1).bit_length()))
+
+    def lease(self, slot: _Slot, nbytes: int) -> pa.Buffer:
+        """The first ``nbytes`` of ``slot`` as an Arrow buffer that holds the slot until it is collected."""
+        return pa.foreign_buffer(slot.address, nbytes, base=_Lease(self, slot))
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+        for slot in free:
+            slot.close()
+
+
+# -- the server side -----------------------------------------------------------------
+class WorkerPool:
+    """``workers`` processes (or threads) running ``NodeWork`` for the node directory of ``work``.
+
+    ``submit`` returns a future; ``result`` turns it into ``(record batch,
+    stats delta)``; ``discard`` drops a future the caller no longer wants
+    (freeing its slot).
+    """
+
+    def __init__(self, work: NodeWork, *, workers: int, kind: WorkerKind = "process") -> None:
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1 (got {workers})")
+        if kind not in WORKER_KINDS:
+            raise ConfigError(f"worker kind must be one of {', '.join(WORKER_KINDS)} (got {kind!r})")
+        self.work, self.workers, self.kind = work, workers, kind
+        self.restarts = 0
+        self.pids: list[int] = [os.getpid()] if kind == "thread" else []  # the processes that run ops
+        self._cpu_by_pid: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._dir: str | None = None
+        if kind == "thread":
+            self._pool: ProcessPoolExecutor | ThreadPoolExecutor = ThreadPoolExecutor(
+                workers, thread_name_prefix="nearstore-node", initializer=worker_init)
+        else:
+            self._dir = tempfile.mkdtemp(prefix="nearstore-node-", dir=_shared_memory_dir())
+            self._slots = _Slots(self._dir)
+            self._pool = self._start_processes()
+
+    def _start_processes(self) -> ProcessPoolExecutor:
+        # forkserver: workers fork from a clean process that imported the op library and torch once (fast
+        # starts, and safe: never a fork of this multithreaded server, which itself does not load torch)
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["nearstore.node.workers", "torch"])
+        pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_process,
+                                   initargs=(str(self.work.store.path), self.work.slowdown, self._dir,
+                                             ctx.Barrier(self.workers)))
+        # start them all now: the first request should not wait for them
+        self.pids = [f.result() for f in [pool.submit(_ready) for _ in range(self.workers)]]
+        return pool
+
+    def _restart(self, broken: ProcessPoolExecutor | ThreadPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is broken:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._start_processes()
+                self.restarts += 1
+
+    def _submit(self, fn, *args) -> Future:  # noqa: ANN001
+        pool = self._pool
+        try:
+            fut = pool.submit(fn, *args)
+        except BrokenProcessPool:
+            self._restart(pool)
+            pool = self._pool
+            fut = pool.submit(fn, *args)
+        fut.pool = pool  # type: ignore[attr-defined]  # which pool to restart if it breaks
+        return fut
+
+    def _crashed(self, fut: Future, what: str) -> WorkerCrashedError:
+        self._restart(getattr(fut, "pool", self._pool))
+        return WorkerCrashedError(f"a worker process died while {what} (killed, out of memory, or a crash in "
+                                  "native code; see the node log); the node started new workers, ask again")
+
+    def _note_cpu(self, cpu: tuple[int, float]) -> None:
+        with self._lock:
+            self._cpu_by_pid[cpu[0]] = cpu[1]
+
+    def submit(self, ops: list, ids: list[int], seed: int, epoch: int) -> Future:
+        """Start building the record batch for ``ids`` on a worker."""
+        if self.kind == "thread":
+            return self._submit(self.work.message, ops, ids, seed, epoch)
+        slot = self._slots.take()
+        try:
+            fut = self._submit(_message_in_process, ops, ids, seed, epoch, (slot.path, slot.size) if slot else None)
+        except BaseException:
+            if slot:
+                self._slots.release(slot)
+            raise
+        fut.slot = slot  # type: ignore[attr-defined]  # the result's batch takes over its lease
+        fut.ops = ops  # type: ignore[attr-defined]
+        return fut
+
+    def result(self, fut: Future) -> tuple[pa.RecordBatch, dict]:
+        """Wait for ``fut``: (record batch, stats delta); a dead worker raises ``WorkerCrashedError``."""
+        if self.kind == "thread":
+            return fut.result()
+        slot: _Slot | None = fut.slot  # type: ignore[attr-defined]
+        try:
+            packed, inline, delta = fut.result()
+        except BaseException as exc:
+            if slot is not None:
+                self._slots.release(slot)
+            if isinstance(exc, BrokenProcessPool):
+                raise self._crashed(fut, "running ops") from None
+            raise
+        self._note_cpu(delta.pop("cpu"))
+        if inline is None:
+            payload = self._slots.lease(slot, packed.payload_bytes)  # type: ignore[arg-type]
+        else:
+            payload = inline
+            self._slots.grow(packed.payload_bytes)  # first: the too-small slot is dropped, not kept
+            if slot is not None:
+                self._slots.release(slot)
+        return assemble_rows(self.work.schema(fut.ops), packed, payload), delta  # type: ignore[attr-defined]
+
+    def discard(self, fut: Future) -> None:
+        """Drop a future nobody will read (a cancelled stream); its slot is freed."""
+        slot = getattr(fut, "slot", None)
+        if slot is not None:
+            fut.add_done_callback(lambda _: self._slots.release(slot))  # runs at once if already done
+        fut.cancel()
+
+    def profile(self, ops: list, n: int) -> dict:
+        """Profile ``ops`` on ``n`` samples on a worker (the same processes that serve)."""
+        if self.kind == "thread":
+            return self._submit(self.work.profile, ops, n).result()
+        fut = self._submit(_profile_in_process, ops, n)
+        try:
+            res = fut.result()
+        except BrokenProcessPool:
+            raise self._crashed(fut, "profiling") from None
+        self._note_cpu(res.pop("cpu"))
+        return res
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of this process and of every worker process so far (as of their last task)."""
+        with self._lock:
+            return time.process_time() + sum(self._cpu_by_pid.values())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._dir:
+            self._slots.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
