@@ -3,7 +3,7 @@
 A matrix of scenarios (link cap x node workers x source x accelerator step
 time) on a 2-node local cluster. In each, the planner measures and predicts
 every split, then every split is also measured (emulated training, warm-up
-excluded). Reported per split: predicted vs measured samples/s and the error;
+excluded), twice by default: forward then reverse order, mean reported. Reported per split: predicted vs measured samples/s and the error;
 per scenario: whether the chosen split's measured throughput is within 5% of
 the best measured. Goals (issue #5): every prediction within +-15%, every
 choice within 5% of the best.
@@ -44,19 +44,28 @@ def log(msg: str) -> None:
 
 
 def run_scenario(store: Path, *, cap: float | None, workers: int, step: float | None, batch: int,
-                 samples: int) -> dict:
+                 samples: int, rounds: int) -> dict:
+    """Plan once, then measure every split ``rounds`` times, in forward then reverse order (so a machine
+    that speeds up or slows down during the scenario does not favour one split); measured = the mean."""
     pipe = standard_train(224)
     with LocalCluster(store, link_mbps=cap, workers_per_node=workers) as c:
         p = plan(c, pipe, batch_size=batch, step_time=step, samples=32)
+        order = [pr.split for pr in p.predictions]
+        runs: dict[int, list[dict]] = {k: [] for k in order}
+        for rnd in range(rounds):
+            for k in (order if rnd % 2 == 0 else order[::-1]):
+                runs[k].append(emulated_training(c.spec, pipeline=pipe, split=k, step_time=step or 0.0,
+                                                 samples=samples, batch_size=batch, warmup_batches=6))
         rows = []
         for pr in p.predictions:
-            r = emulated_training(c.spec, pipeline=pipe, split=pr.split, step_time=step or 0.0, samples=samples,
-                                  batch_size=batch, warmup_batches=6)
+            rs = runs[pr.split]
+            measured = sum(r["samples_per_s"] for r in rs) / len(rs)
             rows.append({"split": pr.split, "node_stages": pr.node_stages, "predicted": pr.samples_per_s,
-                         "predicted_bottleneck": pr.bottleneck, "measured": r["samples_per_s"],
-                         "error": pr.samples_per_s / r["samples_per_s"] - 1 if r["samples_per_s"] else None,
+                         "predicted_bottleneck": pr.bottleneck, "measured": measured,
+                         "measured_rounds": [r["samples_per_s"] for r in rs],
+                         "error": pr.samples_per_s / measured - 1 if measured else None,
                          "bytes_per_sample_predicted": pr.bytes_per_sample,
-                         "bytes_per_sample_measured": r["bytes_per_sample"], "au": r["au"]})
+                         "bytes_per_sample_measured": rs[-1]["bytes_per_sample"], "au": rs[-1]["au"]})
     best = max(r["measured"] for r in rows)
     chosen = next(r for r in rows if r["split"] == p.choice)
     return {"choice": p.choice, "reason": p.reason, "splits": rows, "best_measured": best,
@@ -68,10 +77,12 @@ def run_scenario(store: Path, *, cap: float | None, workers: int, step: float | 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None, help="measurements of each split (default 2; quick 1)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     scenarios = SCENARIOS[:1] + SCENARIOS[5:6] if args.quick else SCENARIOS
-    out: dict = {"quick": args.quick, "pipeline": "decode+RRC224+flip+to_uint8_chw+normalize", "nodes": 2,
+    rounds = args.rounds or (1 if args.quick else 2)
+    out: dict = {"quick": args.quick, "rounds": rounds, "pipeline": "decode+RRC224+flip+to_uint8_chw+normalize", "nodes": 2,
                  "host_workers": 2, "scenarios": []}
     with tempfile.TemporaryDirectory(prefix="nearstore-plan-") as tmp:
         work = Path(tmp)
@@ -86,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             log(name)
             batch = 16 if source == "large" else 64
             samples = (48 if source == "large" else 256) if args.quick else (320 if source == "large" else 1280)
-            r = run_scenario(stores[source], cap=cap, workers=workers, step=step, batch=batch, samples=samples)
+            r = run_scenario(stores[source], cap=cap, workers=workers, step=step, batch=batch, samples=samples,
+                             rounds=rounds)
             r.update(name=name, source=source, cap_mb_per_s=cap, node_workers=workers, step_s=step)
             out["scenarios"].append(r)
             for s in r["splits"]:

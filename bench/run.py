@@ -1,6 +1,6 @@
 """Run the host benchmarks: `python bench/run.py [--quick] --json PATH`.
 
-Full run (by hand): 2,000 default synthetic JPEGs, 3 interleaved rounds of
+Full run (by hand): 2,000 default synthetic JPEGs, 5 interleaved rounds of
 1,280 images per system, plus loader overhead on 20,000 decoded samples.
 Quick run (CI): 256 images, 1 round, 5,000 decoded samples; it checks the
 benchmark code runs and writes its JSON, not the figures.
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dali", action="store_true", help="skip the DALI baseline")
     args = ap.parse_args(argv)
     images = args.images or (256 if args.quick else 2000)
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else 5
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         synth_folder(Path(tmp) / "src", SynthSpec(n=images, seed=0))

@@ -358,15 +358,15 @@ def test_worker_slots_lease_reuse_and_oversized_batches(store):
         slots = pool._slots
         slots.size = 1024  # smaller than any batch of these
         first, _ = pool.result(pool.submit(ops, ids[:8], 1, 0))
-        assert slots.size > 1024 and slots._count == 0  # came back by pickle; the small slot was dropped
+        assert slots.size > 1024 and slots.blocks == 0  # came back by pickle; the small slot was dropped
         second, _ = pool.result(pool.submit(ops, ids[8:], 1, 0))
-        assert slots._count == 1 and not slots._free  # in a slot, which the batch still holds
+        assert slots.blocks == 1 and slots.idle == 0  # in a slot, which the batch still holds
         assert first.equals(want[0]) and second.equals(want[1])
         del second
         gc.collect()
-        assert len(slots._free) == 1  # given back once the batch was gone
+        assert slots.idle == 1  # given back once the batch was gone
         again, _ = pool.result(pool.submit(ops, ids[8:], 1, 0))
-        assert again.equals(want[1]) and slots._count == 1  # the same slot, reused
+        assert again.equals(want[1]) and slots.blocks == 1  # the same slot, reused
         del again
     finally:
         pool.close()

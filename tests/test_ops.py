@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 from PIL import Image
 
@@ -81,6 +83,18 @@ def test_same_bits_for_same_seed_epoch_key():
 def test_rng_is_pure():
     assert rng_for(1, 2, "k", 3).random() == rng_for(1, 2, "k", 3).random()
     assert rng_for(1, 2, "k", 3).random() != rng_for(1, 2, "k", 4).random()
+
+
+@given(st.integers(0, 2**63), st.integers(0, 1000), st.text(max_size=40), st.integers(0, 31))
+@settings(max_examples=200, deadline=None)
+def test_reused_generator_gives_the_same_stream(seed, epoch, key, position):
+    from nearstore.ops.base import rng_reused
+
+    want = rng_for(seed, epoch, key, position)
+    expected = (want.random(3).tolist(), want.integers(0, 1000, 5).tolist(), want.uniform(0.08, 1.0))
+    rng_reused(seed + 1, epoch, key, position).random(7)  # a previous use of this thread's generator
+    got = rng_reused(seed, epoch, key, position)
+    assert (got.random(3).tolist(), got.integers(0, 1000, 5).tolist(), got.uniform(0.08, 1.0)) == expected
 
 
 def test_fused_decode_equals_decode_then_crop_without_scaling():

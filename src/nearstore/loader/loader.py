@@ -19,6 +19,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from nearstore.core.errors import ConfigError, NearstoreError, ResumeStateError
+from nearstore.core.memory import BlockPool, HeapBlock
 from nearstore.loader.order import Remainder, batch_bounds, epoch_order, num_batches, rank_share
 from nearstore.loader.sources import Fetched, LocalSource, SampleSource
 from nearstore.ops.base import Spec
@@ -167,6 +168,8 @@ class Loader:
         self._stats_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._io: ThreadPoolExecutor | None = None
+        # batch memory, reused once the consumer drops a batch: no page faults per batch
+        self._memory = BlockPool(HeapBlock, keep=prefetch + workers + 2)
 
     # -- order -------------------------------------------------------------
     def share(self, epoch: int) -> np.ndarray:
@@ -305,7 +308,7 @@ class Loader:
 
     def _build(self, epoch: int, index: int, ids: np.ndarray, fetched: list[Fetched], fetch_s: float) -> Batch:
         spec = self.output_spec
-        buf = np.empty((len(ids), *spec.shape), dtype=spec.dtype) if spec.fixed else [None] * len(ids)
+        buf = self._memory.array((len(ids), *spec.shape), spec.dtype) if spec.fixed else [None] * len(ids)
         keys: list[str] = []
         labels: list[int] = []
         kept: list[int] = []

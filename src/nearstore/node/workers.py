@@ -37,8 +37,10 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
 import pyarrow as pa
 
+from nearstore.core.memory import BlockPool
 from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError, StoreError
 from nearstore.node.protocol import Packed, assemble_rows, encode_rows, pack_rows, response_schema
 from nearstore.ops.image import worker_init
@@ -243,7 +245,9 @@ def _shared_memory_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
-class _Slot:
+class _ShmBlock:
+    """A slot: a file in shared memory, mapped here and (once, on first use) in each worker."""
+
     def __init__(self, path: str, size: int) -> None:
         self.path, self.size = path, size
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -264,66 +268,11 @@ class _Slot:
         Path(self.path).unlink(missing_ok=True)
 
 
-class _Lease:
-    """Owns a slot while Arrow holds buffers that point into it; gives it back when collected."""
-
-    __slots__ = ("slots", "slot")
-
-    def __init__(self, slots: "_Slots", slot: _Slot) -> None:
-        self.slots, self.slot = slots, slot
-
-    def __del__(self) -> None:
-        self.slots.release(self.slot)
-
-
-class _Slots:
-    """The server's shared-memory slots: taken per task, free again when the batch read from them is gone."""
-
-    def __init__(self, directory: str, *, max_slots: int = 32, size: int = 16 << 20, cap: int = 128 << 20) -> None:
-        self.dir, self.max_slots, self.size, self.cap = directory, max_slots, size, cap
-        self._free: list[_Slot] = []
-        self._count = 0
-        self._seq = itertools.count()
-        self._lock = threading.Lock()
-
-    def take(self) -> _Slot | None:
-        """A free slot (made on demand, up to ``max_slots``); None when all are busy (use a file)."""
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-            if self._count >= self.max_slots:
-                return None
-            self._count += 1
-            size = self.size
-        try:
-            return _Slot(os.path.join(self.dir, f"slot-{next(self._seq)}"), size)
-        except OSError:
-            with self._lock:
-                self._count -= 1
-            return None
-
-    def release(self, slot: _Slot) -> None:
-        with self._lock:
-            if slot.size >= self.size:
-                self._free.append(slot)
-                return
-            self._count -= 1  # too small for today's batches: replaced by a bigger one on demand
-        slot.close()
-
-    def grow(self, need: int) -> None:
-        """Batches need ``need`` bytes: make new slots that big (up to ``cap``)."""
-        with self._lock:
-            self.size = min(self.cap, max(self.size, 1 << (int(need) - 1).bit_length()))
-
-    def lease(self, slot: _Slot, nbytes: int) -> pa.Buffer:
-        """The first ``nbytes`` of ``slot`` as an Arrow buffer that holds the slot until it is collected."""
-        return pa.foreign_buffer(slot.address, nbytes, base=_Lease(self, slot))
-
-    def close(self) -> None:
-        with self._lock:
-            free, self._free = self._free, []
-        for slot in free:
-            slot.close()
+def _slot_pool(directory: str) -> BlockPool:
+    """The server's slots: 16 MiB to start, grown up to 128 MiB for bigger batches, at most 32."""
+    seq = itertools.count()
+    return BlockPool(lambda size: _ShmBlock(os.path.join(directory, f"slot-{next(seq)}"), size),
+                     size=16 << 20, cap=128 << 20, max_blocks=32, keep=32)
 
 
 # -- the server side -----------------------------------------------------------------
@@ -351,7 +300,7 @@ class WorkerPool:
                 workers, thread_name_prefix="nearstore-node", initializer=worker_init)
         else:
             self._dir = tempfile.mkdtemp(prefix="nearstore-node-", dir=_shared_memory_dir())
-            self._slots = _Slots(self._dir)
+            self._slots = _slot_pool(self._dir)
             self._pool = self._start_processes()
 
     def _start_processes(self) -> ProcessPoolExecutor:
@@ -402,7 +351,7 @@ class WorkerPool:
             fut = self._submit(_message_in_process, ops, ids, seed, epoch, (slot.path, slot.size) if slot else None)
         except BaseException:
             if slot:
-                self._slots.release(slot)
+                self._slots.give_back(slot)
             raise
         fut.slot = slot  # type: ignore[attr-defined]  # the result's batch takes over its lease
         fut.ops = ops  # type: ignore[attr-defined]
@@ -412,30 +361,30 @@ class WorkerPool:
         """Wait for ``fut``: (record batch, stats delta); a dead worker raises ``WorkerCrashedError``."""
         if self.kind == "thread":
             return fut.result()
-        slot: _Slot | None = fut.slot  # type: ignore[attr-defined]
+        slot: _ShmBlock | None = fut.slot  # type: ignore[attr-defined]
         try:
             packed, inline, delta = fut.result()
         except BaseException as exc:
             if slot is not None:
-                self._slots.release(slot)
+                self._slots.give_back(slot)
             if isinstance(exc, BrokenProcessPool):
                 raise self._crashed(fut, "running ops") from None
             raise
         self._note_cpu(delta.pop("cpu"))
         if inline is None:
-            payload = self._slots.lease(slot, packed.payload_bytes)  # type: ignore[arg-type]
+            payload = self._slots.lend_buffer(slot, packed.payload_bytes)  # type: ignore[arg-type]
         else:
             payload = inline
             self._slots.grow(packed.payload_bytes)  # first: the too-small slot is dropped, not kept
             if slot is not None:
-                self._slots.release(slot)
+                self._slots.give_back(slot)
         return assemble_rows(self.work.schema(fut.ops), packed, payload), delta  # type: ignore[attr-defined]
 
     def discard(self, fut: Future) -> None:
         """Drop a future nobody will read (a cancelled stream); its slot is freed."""
         slot = getattr(fut, "slot", None)
         if slot is not None:
-            fut.add_done_callback(lambda _: self._slots.release(slot))  # runs at once if already done
+            fut.add_done_callback(lambda _: self._slots.give_back(slot))  # runs at once if already done
         fut.cancel()
 
     def profile(self, ops: list, n: int) -> dict:
@@ -451,9 +400,18 @@ class WorkerPool:
         return res
 
     def cpu_seconds(self) -> float:
-        """CPU seconds of this process and of every worker process so far (as of their last task)."""
+        """CPU seconds of this process and of every worker process so far (live workers read now; workers
+        that died as of their last task)."""
         with self._lock:
-            return time.process_time() + sum(self._cpu_by_pid.values())
+            known = dict(self._cpu_by_pid)
+            live = [] if self.kind == "thread" else list(self.pids)
+        for pid in live:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                known[pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return time.process_time() + sum(known.values())
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

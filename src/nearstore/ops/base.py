@@ -11,6 +11,7 @@ process (node or host) runs the op.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nearstore.core.errors import OpParamError
 
-__all__ = ["Spec", "Op", "OpParams", "register", "registry", "make_op", "rng_for", "KINDS"]
+__all__ = ["Spec", "Op", "OpParams", "register", "registry", "make_op", "rng_for", "rng_reused", "KINDS"]
 
 #: kinds of data flowing between ops
 KINDS = ("jpeg", "npy", "image", "chw_u8", "chw_f32")
@@ -132,8 +133,32 @@ def make_op(spec: dict | str | Op) -> Op:
     return cls(**params)
 
 
+def _philox_key(seed: int, epoch: int, key: str, position: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\x00{epoch}\x00{key}\x00{position}".encode(), digest_size=16).digest()
+    return int.from_bytes(digest, "little")
+
+
 def rng_for(seed: int, epoch: int, key: str, position: int) -> np.random.Generator:
     """The generator of op ``position`` for sample ``key``: a pure function of its arguments."""
-    digest = hashlib.blake2b(f"{seed}\x00{epoch}\x00{key}\x00{position}".encode(), digest_size=16).digest()
-    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
+    return np.random.Generator(np.random.Philox(key=_philox_key(seed, epoch, key, position)))
 
+
+_THREAD = threading.local()
+_ZEROS = np.zeros(4, np.uint64)
+
+
+def rng_reused(seed: int, epoch: int, key: str, position: int) -> np.random.Generator:
+    """``rng_for``'s stream from this thread's one generator, reseeded in place (~4x cheaper than a new one).
+
+    It is valid until this thread's next call: for use inside one op, never kept.
+    """
+    g = getattr(_THREAD, "rng", None)
+    if g is None:
+        g = _THREAD.rng = np.random.Generator(np.random.Philox(key=0))
+    k = _philox_key(seed, epoch, key, position)
+    g.bit_generator.state = {
+        "bit_generator": "Philox",
+        "state": {"counter": _ZEROS, "key": np.array([k & 0xFFFFFFFFFFFFFFFF, k >> 64], np.uint64)},
+        "buffer": _ZEROS, "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
+    }
+    return g

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from nearstore.core.errors import ConfigError, OpParamError
-from nearstore.ops.base import Op, Spec, make_op, rng_for
+from nearstore.ops.base import Op, Spec, make_op, rng_reused
 from nearstore.ops.image import DecodeJpeg, GeometryOp, decode_geometry
 
 __all__ = ["Pipeline", "Stage", "input_spec", "input_spec_of", "standard_train", "SPLIT_NAMES"]
@@ -148,7 +148,7 @@ class Pipeline:
             return None
         last = len(todo) - 1
         for n, st in enumerate(todo):
-            rng = rng_for(seed, epoch, key, st.rng_position) if st.rng_position is not None else None
+            rng = rng_reused(seed, epoch, key, st.rng_position) if st.rng_position is not None else None
             t0 = time.perf_counter()
             if out is not None and n == last:
                 st.run_into(x, rng, out)

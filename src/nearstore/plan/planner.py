@@ -213,8 +213,10 @@ def _host_stage_seconds(pipeline: Pipeline, raw: list, rounds: int = 3) -> list[
     return [float(np.median([r[i] for r in per_round])) for i in range(len(stages))]
 
 
-def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int) -> tuple[float, float, float]:  # noqa: ANN001
-    """Run the loader at split k for a moment: (CPU s per sample over every process, cores busy, wake-up lag).
+def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: ANN001
+                    min_seconds: float = 1.0) -> tuple[float, float, float]:
+    """Run the loader at split k for a moment (64-512 samples and at least ``min_seconds``): (CPU s per
+    sample over every process, cores busy, wake-up lag).
 
     CPU time is read from this process (``process_time``) and from each node
     (its ``stats`` action), so emulated slowdowns (sleep) and link waits do
@@ -250,7 +252,7 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int) -> tuple[
                     w0 = time.perf_counter()
                 elif i > 1:
                     seen += len(b)
-                    if seen >= n:
+                    if seen >= n and time.perf_counter() - w0 >= min_seconds:
                         break
             stop.set()
             ld.close()  # let batches in flight finish, so the CPU counted matches the samples counted

@@ -76,9 +76,10 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     }
     struct jpeg_decompress_struct cinfo;
     err_mgr err;
-    PyObject *out = NULL;
-    unsigned char *dst = NULL;
-    const char *problem = NULL;
+    /* volatile: set after setjmp and read after a longjmp from libjpeg's error handler */
+    PyObject *volatile out = NULL;
+    unsigned char *volatile dst = NULL;
+    const char *volatile problem = NULL;
     JDIMENSION out_w = 0, xoff = 0;
     int warnings = 0;
 
@@ -109,10 +110,15 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
                 jpeg_crop_scanline(&cinfo, &xoff, &out_w);
             }
             size_t row = (size_t)out_w * 3;
-            dst = (unsigned char *)malloc(row * (size_t)h);
-            if (!dst) {
+            /* decode straight into the bytearray we return (no copy afterwards): allocate it with the GIL */
+            Py_BLOCK_THREADS
+            out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(row * (size_t)h));
+            if (!out) PyErr_Clear();
+            Py_UNBLOCK_THREADS
+            if (!out) {
                 problem = "memory";
             } else {
+                dst = (unsigned char *)PyByteArray_AS_STRING(out);
                 if (y > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y);
                 JSAMPROW rows[32];
                 while (cinfo.output_scanline < (JDIMENSION)(y + h)) {
@@ -133,7 +139,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
 
     if (problem == NULL && warnings > 0) problem = "corrupt";
     if (problem != NULL) {
-        free(dst);
+        Py_XDECREF(out);
         if (strcmp(problem, "region") == 0) {
             PyErr_Format(PyExc_ValueError, "region x=%d y=%d w=%d h=%d lies outside the scaled image", x, y, w, h);
         } else if (strcmp(problem, "memory") == 0) {
@@ -143,9 +149,6 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         }
         return NULL;
     }
-    out = PyByteArray_FromStringAndSize((const char *)dst, (Py_ssize_t)out_w * 3 * h);
-    free(dst);
-    if (!out) return NULL;
     return Py_BuildValue("(Niii)", out, (int)out_w, h, x - (int)xoff);
 }
 
