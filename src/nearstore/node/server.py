@@ -88,6 +88,7 @@ class _Stats:
         self.lock = threading.Lock()
         self.requests = 0
         self.samples = 0
+        self.processed = 0  # samples the workers ran, sent or not (a cancelled stream's read-ahead too)
         self.wire_bytes = 0
         self.payload_bytes = 0
         self.read_bytes = 0
@@ -160,6 +161,7 @@ class NodeServer(flight.FlightServerBase):
     def _add(self, delta: dict) -> None:
         """Fold a worker's stats delta into the node's counters."""
         with self.stats.lock:
+            self.stats.processed += delta["processed"]
             self.stats.read_seconds += delta["read_seconds"]
             self.stats.read_bytes += delta["read_bytes"]
             for k, v in delta["op_seconds"].items():
@@ -228,7 +230,7 @@ class NodeServer(flight.FlightServerBase):
                 yield batch
         finally:
             for f in pending:
-                self.pool.discard(f)
+                self.pool.discard(f, account=self._add)
 
     def list_actions(self, context):  # noqa: ANN001, ANN201
         return [("health", "liveness and what this node holds"), ("stats", "counters since start"),

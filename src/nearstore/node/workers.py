@@ -35,7 +35,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import psutil
 import pyarrow as pa
@@ -58,7 +58,7 @@ class WorkerCrashedError(NearstoreError, RuntimeError):
 
 
 def _new_delta() -> dict:
-    return {"read_seconds": 0.0, "read_bytes": 0, "op_seconds": {}, "errors_by_kind": {}}
+    return {"processed": 0, "read_seconds": 0.0, "read_bytes": 0, "op_seconds": {}, "errors_by_kind": {}}
 
 
 class NodeWork:
@@ -94,6 +94,7 @@ class NodeWork:
         """The response rows for ``ids`` and the stats they add (read time and bytes, op time, errors)."""
         pipe = self.pipeline(ops)
         delta = _new_delta()
+        delta["processed"] = len(ids)
         return [self._row(pipe, sid, seed, epoch, delta) for sid in ids], delta
 
     def message(self, ops: list, ids: list[int], seed: int, epoch: int) -> tuple[pa.RecordBatch, dict]:
@@ -380,11 +381,20 @@ class WorkerPool:
                 self._slots.give_back(slot)
         return assemble_rows(self.work.schema(fut.ops), packed, payload), delta  # type: ignore[attr-defined]
 
-    def discard(self, fut: Future) -> None:
-        """Drop a future nobody will read (a cancelled stream); its slot is freed."""
+    def discard(self, fut: Future, account: Callable[[dict], None] | None = None) -> None:
+        """Drop a future nobody will read (a cancelled stream): its slot is freed, and if it ran, its stats
+        delta still goes to ``account`` (the work was done)."""
         slot = getattr(fut, "slot", None)
-        if slot is not None:
-            fut.add_done_callback(lambda _: self._slots.give_back(slot))  # runs at once if already done
+
+        def done(f: Future) -> None:
+            if slot is not None:
+                self._slots.give_back(slot)
+            if account is not None and not f.cancelled() and f.exception() is None:
+                delta = f.result()[-1]
+                delta.pop("cpu", None)
+                account(delta)
+
+        fut.add_done_callback(done)  # runs at once if it is already done
         fut.cancel()
 
     def profile(self, ops: list, n: int) -> dict:

@@ -247,7 +247,7 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
             for i, b in enumerate(ld.epochs(None)):
                 if i == 1:
                     prober.start()
-                    before = [c.stats()["cpu_seconds"] for c in clients]
+                    before = [c.stats() for c in clients]
                     h0, received0, built0 = time.process_time(), ld.source.samples_received, ld.stats.samples
                     w0 = time.perf_counter()
                 elif i > 1:
@@ -258,8 +258,12 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
             ld.close()  # let batches in flight finish, so the CPU counted matches the samples counted
             wall = time.perf_counter() - w0
             host_cpu = time.process_time() - h0
-            node_cpu = sum(c.stats()["cpu_seconds"] - b0 for c, b0 in zip(clients, before))
-            received = max(ld.source.samples_received - received0, 1)
+            after = _settled_stats(clients)
+            node_cpu = sum(a["cpu_seconds"] - b["cpu_seconds"] for a, b in zip(after, before))
+            # per sample the nodes ran, sent or not: a capped link makes nodes read ahead, and what was
+            # still queued when the loader stopped was computed (and costed) but never received
+            processed = sum(a["processed"] - b["processed"] for a, b in zip(after, before))
+            received = max(processed or ld.source.samples_received - received0, 1)
             built = max(ld.stats.samples - built0, 1)
     finally:
         stop.set()
@@ -268,6 +272,19 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
         for c in clients:
             c.close()
     return node_cpu / received + host_cpu / built, (node_cpu + host_cpu) / wall, float(np.mean(lags or [0.0]))
+
+
+def _settled_stats(clients: list, timeout: float = 2.0) -> list[dict]:
+    """Node stats once their workers are idle (work still running when a stream was cancelled is counted)."""
+    last = [c.stats() for c in clients]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = [c.stats() for c in clients]
+        if [s["processed"] for s in now] == [s["processed"] for s in last]:
+            return now
+        last = now
+    return last
 
 
 def _calibrate(spec, pipeline: Pipeline, m: Measurements) -> None:  # noqa: ANN001
