@@ -50,6 +50,9 @@ def nodes_table(path: Path) -> str:
                      f"{r['bytes_per_sample'] / 1e3:.0f} KB | {r['node_busy']:.0%} | "
                      f"{r['host_busy']:.0%} | {node or '-'} | {host or '-'} |")
     s = d["streaming"]
+    if "runs" in s:  # the process run at the median: its samples, bytes and seconds agree with its GB/s
+        s = {**s, **min((r for r in s["runs"] if r["worker_kind"] == "process"),
+                        key=lambda r: abs(r["gb_per_s"] - s["gb_per_s"]))}
     lines += ["", f"Uncapped loopback streaming of preprocessed uint8 224x224x3 samples from 2 nodes: "
               f"**{s['gb_per_s']:.2f} GB/s** ({s['samples']} samples, {s['wire_bytes'] / 1e6:.0f} MB in "
               f"{s['seconds']:.2f} s)."]

@@ -111,10 +111,10 @@ def streaming_bench(workdir: Path, *, n: int = 512, epochs: int = 3, batch_size:
     runs = [_stream_once(store, worker_kind=kind, epochs=epochs, batch_size=batch_size)
             for _ in range(rounds) for kind in ("process", "thread")]
     med = {k: statistics.median(r["gb_per_s"] for r in runs if r["worker_kind"] == k) for k in ("process", "thread")}
-    best = max((r for r in runs if r["worker_kind"] == "process"), key=lambda r: r["gb_per_s"])
-    return {**{k: v for k, v in best.items() if k != "gb_per_s"}, "gb_per_s": med["process"],
-            "thread_gb_per_s": med["thread"], "process_over_thread": med["process"] / med["thread"], "runs": runs,
-            "goal": {"gb_per_s >= 1.0": med["process"] >= 1.0}}
+    # the headline is a real run: the process run at the median (its samples, bytes and seconds agree with it)
+    headline = min((r for r in runs if r["worker_kind"] == "process"), key=lambda r: abs(r["gb_per_s"] - med["process"]))
+    return {**headline, "thread_gb_per_s": med["thread"], "process_over_thread": headline["gb_per_s"] / med["thread"],
+            "runs": runs, "goal": {"gb_per_s >= 1.0": headline["gb_per_s"] >= 1.0}}
 
 
 def run_all(*, quick: bool, progress: Callable[[str], None] | None = None) -> dict:

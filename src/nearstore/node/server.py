@@ -29,9 +29,9 @@ import pyarrow.flight as flight
 
 from nearstore.core.errors import ConfigError, NearstoreError
 from nearstore.node.cluster import read_token_file, token_from_env
-from nearstore.node.protocol import parse_ticket, response_schema, wire_bytes
+from nearstore.node.protocol import parse_ticket, wire_bytes
 from nearstore.node.workers import WORKER_KINDS, NodeWork, WorkerCrashedError, WorkerKind, WorkerPool
-from nearstore.ops.pipeline import Pipeline, input_spec_of
+from nearstore.ops.pipeline import Pipeline
 
 __all__ = ["NodeServer", "LinkCap", "TokenMiddlewareFactory", "main"]
 
@@ -121,7 +121,7 @@ class NodeServer(flight.FlightServerBase):
         self.slowdown = slowdown
         if link_bytes_per_s is not None and link_bytes_per_s <= 0:
             raise ConfigError(f"link cap must be > 0 bytes/s (got {link_bytes_per_s})")
-        self.work = NodeWork(data, slowdown=slowdown)  # validates tickets here; runs them on thread workers
+        self.work = NodeWork(data, slowdown=slowdown)  # validates tickets here (and runs them on thread workers)
         self.store = self.work.store
         self.node_id = self.store.node_id
         middleware = {"auth": TokenMiddlewareFactory(token)} if token else None
@@ -176,7 +176,7 @@ class NodeServer(flight.FlightServerBase):
             t = parse_ticket(ticket.ticket)
             self._check_dataset(t.dataset)
             ids = t.ids()
-            pipe = self._pipeline(t.ops)
+            schema = self.work.schema(t.ops)  # validates the op chain against this store
         except (ConfigError, ValueError) as exc:
             raise self._bad(str(exc)) from None
         n = len(self.store)
@@ -187,8 +187,6 @@ class NodeServer(flight.FlightServerBase):
             if not self.store.holds(s):
                 raise self._bad(f"sample {sid} lives in shard {self.store.manifest.shards[s].name}, which node "
                                 f"{self.node_id} does not hold (nodes {self.store.manifest.shards[s].nodes} do)")
-        spec = pipe.declare(input_spec_of(self.store.manifest))[-1]
-        schema = response_schema(spec.kind, "bytes" if not pipe.ops else spec.dtype)
         with self.stats.lock:
             self.stats.requests += 1
         return flight.GeneratorStream(schema, self._stream(t.ops, t.seed, t.epoch, ids, t.batch_size, context))

@@ -241,14 +241,14 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
     try:
         with Loader(cluster=spec, pipeline=pipeline, split=k, batch_size=min(m.batch_size, 32),
                     workers=m.host_workers, seed=12345, prefetch=2) as ld:
-            seen = received0 = built0 = 0
-            before: list[float] = []
+            seen = built0 = 0
+            before: list[dict] = []
             h0 = w0 = 0.0
             for i, b in enumerate(ld.epochs(None)):
                 if i == 1:
                     prober.start()
                     before = [c.stats() for c in clients]
-                    h0, received0, built0 = time.process_time(), ld.source.samples_received, ld.stats.samples
+                    h0, built0 = time.process_time(), ld.stats.samples
                     w0 = time.perf_counter()
                 elif i > 1:
                     seen += len(b)
@@ -262,8 +262,7 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
             node_cpu = sum(a["cpu_seconds"] - b["cpu_seconds"] for a, b in zip(after, before))
             # per sample the nodes ran, sent or not: a capped link makes nodes read ahead, and what was
             # still queued when the loader stopped was computed (and costed) but never received
-            processed = sum(a["processed"] - b["processed"] for a, b in zip(after, before))
-            received = max(processed or ld.source.samples_received - received0, 1)
+            processed = max(sum(a["processed"] - b["processed"] for a, b in zip(after, before)), 1)
             built = max(ld.stats.samples - built0, 1)
     finally:
         stop.set()
@@ -271,7 +270,7 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
             prober.join()
         for c in clients:
             c.close()
-    return node_cpu / received + host_cpu / built, (node_cpu + host_cpu) / wall, float(np.mean(lags or [0.0]))
+    return node_cpu / processed + host_cpu / built, (node_cpu + host_cpu) / wall, float(np.mean(lags or [0.0]))
 
 
 def _settled_stats(clients: list, timeout: float = 2.0) -> list[dict]:
