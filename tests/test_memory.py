@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nearstore.core.memory import BlockPool, HeapBlock
+from nearstore.core.memory import BlockPool, HeapBlock, retain_freed_memory
 
 
 def test_block_comes_back_only_when_the_last_view_is_gone():
@@ -72,3 +72,21 @@ def test_buffers_lent_to_arrow_hold_the_block():
     del piece
     gc.collect()
     assert pool.idle == 1
+
+
+def test_retain_freed_memory_applies_on_glibc_and_is_idempotent():
+    import platform
+
+    applied = retain_freed_memory()
+    assert retain_freed_memory() == applied
+    if platform.libc_ver()[0] == "glibc":
+        assert applied
+
+
+def test_message_size_follows_the_link():
+    from nearstore.node.client import MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES, message_bytes
+
+    assert message_bytes(None) == MAX_MESSAGE_BYTES  # open link: fewest messages
+    sizes = [message_bytes(c) for c in (1.0, 25.0, 100.0, 200.0, 400.0, 1e4)]
+    assert sizes == sorted(sizes) and all(MIN_MESSAGE_BYTES <= s <= MAX_MESSAGE_BYTES for s in sizes)
+    assert message_bytes(25.0) == MIN_MESSAGE_BYTES and message_bytes(1000.0) == MAX_MESSAGE_BYTES

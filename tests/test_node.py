@@ -13,6 +13,7 @@ import pyarrow.flight as flight
 import pytest
 
 from nearstore import Loader, standard_train
+from nearstore.core.memory import MALLOC_ENV
 from nearstore.node import LocalCluster
 from nearstore.node.client import NodeClient, NodeRequestError, NodeUnavailableError
 from nearstore.node.cluster import ClusterSpec, NodeEndpoint
@@ -272,6 +273,9 @@ def test_nodes_run_ops_on_worker_processes(cluster):
         batches, _ = c.get(Ticket(dataset=cluster.spec.dataset, ranges=[[0, 1]], ops=PIPE.to_json()[:2]))
         c.close()
         assert batches and _worker_pids(ep) == pids  # the same processes serve request after request
+        for pid in pids:  # workers keep freed read buffers mapped for reuse (the server calls mallopt itself)
+            env = psutil.Process(pid).environ()
+            assert {k: env.get(k) for k in MALLOC_ENV} == MALLOC_ENV
 
 
 def test_thread_workers_give_the_same_bits(store, cluster):

@@ -12,19 +12,52 @@ somebody still reads.
 
 ``BlockPool(HeapBlock)`` backs the loader's batches; node workers use the
 same pool over shared-memory files (``nearstore.node.workers``).
+
+Memory that libraries allocate for us (gRPC receive buffers, file reads) we
+cannot pool; ``retain_freed_memory`` asks glibc's malloc to keep such blocks
+mapped after they are freed instead of unmapping them (its default for blocks
+over 128 KiB to 32 MiB), so the next message reuses warm pages. The node
+servers, their workers and a loader over a cluster call it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import math
+import os
 import threading
 from typing import Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["Block", "HeapBlock", "BlockPool"]
+__all__ = ["Block", "HeapBlock", "BlockPool", "retain_freed_memory", "MALLOC_ENV"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MiB come from (reused) heap memory
+_TRIM_THRESHOLD = 256 << 20  # free memory kept at the top of a heap before it goes back to the OS
+# the same settings for a child process (glibc reads these when it starts)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed blocks of up to 32 MiB mapped for reuse (glibc only; idempotent). True if applied.
+
+    Costs at most ~256 MiB of freed memory per malloc arena that is kept
+    instead of returned; saves a page fault and zero-fill per 4 KiB of every
+    large message received or sample read (measured: ~11% of a loader's CPU
+    at 0.7 GB/s).
+    """
+    name = ctypes.util.find_library("c")
+    if os.name != "posix" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
 class Block(Protocol):

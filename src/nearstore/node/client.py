@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow.flight as flight
 
+from nearstore.core.memory import retain_freed_memory
 from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError
 from nearstore.loader.sources import Fetched
 from nearstore.node.cluster import ClusterSpec
@@ -34,9 +35,22 @@ from nearstore.node.protocol import Row, Ticket, decode_rows, wire_bytes
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 from nearstore.store.manifest import Manifest
 
-__all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSource", "MESSAGE_BYTES"]
+__all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSource", "message_bytes"]
 
-MESSAGE_BYTES = 2 << 20
+MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES = 2 << 20, 8 << 20
+MESSAGE_SECONDS = 0.02  # a record batch is about this much time on a capped link
+
+
+def message_bytes(link_mbps: float | None) -> int:
+    """Bytes per record batch: ~20 ms of a capped link (2-8 MiB), 8 MiB on an open one.
+
+    Small messages keep a slow link evenly busy; on a fast link every message
+    costs the node and the loader a fixed amount of work (a worker task, a gRPC
+    message, a contiguous receive buffer), so fewer, larger ones go faster.
+    """
+    if not link_mbps:
+        return MAX_MESSAGE_BYTES
+    return int(min(MAX_MESSAGE_BYTES, max(MIN_MESSAGE_BYTES, link_mbps * 1e6 * MESSAGE_SECONDS)))
 # how gRPC words a stream cut by a peer that died (it is sometimes reported as an internal error)
 _BROKEN = re.compile(r"RST_STREAM|Socket closed|Connection reset|connection refused|EOF|unavailable", re.I)
 
@@ -122,6 +136,7 @@ class ClusterSource:
     def __init__(self, cluster: ClusterSpec, pipeline: Pipeline, split: int | str, *, streams_per_node: int = 4,
                  timeout: float = 120.0, retry_after: float = 1.0) -> None:
         self.cluster = cluster
+        retain_freed_memory()  # every message is a fresh multi-MB receive buffer: keep those pages mapped
         self.prefix = pipeline.resolve_split(split)
         self._ops = pipeline.to_json()[: self.prefix]
         self._timeout, self.retry_after = timeout, retry_after
@@ -131,9 +146,8 @@ class ClusterSource:
             raise ConfigError("the cluster has no nodes")
         self._down: dict[int, tuple[float, str]] = {}  # node -> (when marked down, why)
         self.manifest = self._first_manifest()
-        # record batches of about MESSAGE_BYTES keep a capped link evenly busy
         per_sample = pipeline.declare(input_spec_of(self.manifest))[self.prefix].bytes or 1.0
-        self._rows_per_message = max(1, int(MESSAGE_BYTES // per_sample))
+        self._rows_per_message = max(1, int(message_bytes(cluster.link_mbps) // per_sample))
         self._firsts = np.array([s.first for s in self.manifest.shards], np.int64)
         self._io = ThreadPoolExecutor(max(1, streams_per_node * len(self.clients)),
                                       thread_name_prefix="nearstore-fetch")

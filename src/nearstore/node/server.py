@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from nearstore.core.errors import ConfigError, NearstoreError
+from nearstore.core.memory import MALLOC_ENV, retain_freed_memory
 from nearstore.node.cluster import read_token_file, token_from_env
 from nearstore.node.protocol import parse_ticket, wire_bytes
 from nearstore.node.workers import WORKER_KINDS, NodeWork, WorkerCrashedError, WorkerKind, WorkerPool
@@ -302,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="emulate a weaker CPU: ops take this many times as long (default 1)")
     ap.add_argument("--allow-shutdown", action="store_true", help="honour the shutdown action")
     args = ap.parse_args(argv)
+    retain_freed_memory()  # this process is the server's own: reuse freed message buffers
+    os.environ.update(MALLOC_ENV)  # and its worker processes (they inherit the environment)
     try:
         token = args.token or (read_token_file(args.token_file) if args.token_file else token_from_env())
         server = NodeServer(args.data, host=args.host, port=args.port, workers=args.workers,
