@@ -3,7 +3,7 @@
 A matrix of scenarios (link cap x node workers x source x accelerator step
 time) on a 2-node local cluster. In each, the planner measures and predicts
 every split, then every split is also measured (emulated training, warm-up
-excluded), twice by default: forward then reverse order, mean reported. Reported per split: predicted vs measured samples/s and the error;
+excluded), three times by default, in forward, reverse, forward order; the mean is reported. Reported per split: predicted vs measured samples/s and the error;
 per scenario: whether the chosen split's measured throughput is within 5% of
 the best measured. Goals (issue #5): every prediction within +-15%, every
 choice within 5% of the best.
@@ -77,11 +77,11 @@ def run_scenario(store: Path, *, cap: float | None, workers: int, step: float | 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=None, help="measurements of each split (default 2; quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="measurements of each split (default 3; quick 1)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     scenarios = SCENARIOS[:1] + SCENARIOS[5:6] if args.quick else SCENARIOS
-    rounds = args.rounds or (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 3)
     out: dict = {"quick": args.quick, "rounds": rounds, "pipeline": "decode+RRC224+flip+to_uint8_chw+normalize", "nodes": 2,
                  "host_workers": 2, "scenarios": []}
     with tempfile.TemporaryDirectory(prefix="nearstore-plan-") as tmp:

@@ -239,8 +239,9 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
     clients = [NodeClient(ep.uri, node=ep.node, token=spec.token, tls_root_certs=spec.root_certs())
                for ep in spec.nodes]
     try:
-        with Loader(cluster=spec, pipeline=pipeline, split=k, batch_size=min(m.batch_size, 32),
-                    workers=m.host_workers, seed=12345, prefetch=2) as ld:
+        # the loader that will run: its batch size and prefetch (per-batch work is amortized over the batch)
+        with Loader(cluster=spec, pipeline=pipeline, split=k, batch_size=m.batch_size,
+                    workers=m.host_workers, seed=12345) as ld:
             seen = built0 = 0
             before: list[dict] = []
             h0 = w0 = 0.0
