@@ -66,6 +66,9 @@ class Measurements:
     # when nodes share the loader's machine: CPU seconds per sample at each split, measured by running the
     # loader there for a moment (every process's CPU time: stages, gRPC, Arrow, Python, copies)
     cpu_measured: dict[int, float] = field(default_factory=dict)
+    # cores kept busy during that run, per split: where the split is CPU-bound this is the CPU it can use
+    # (below the machine's cores when, say, a node's single worker idles between requests)
+    busy_cores: dict[int, float] = field(default_factory=dict)
     # seconds a training-loop thread that sleeps (the accelerator step) waits to run again, per split:
     # the loader's Python threads hold the GIL; the step effectively lasts step_time + this
     wake_s: dict[int, float] = field(default_factory=dict)
@@ -139,6 +142,10 @@ def predict(m: Measurements) -> list[SplitPrediction]:
             step_res = [Resource(name="accelerator", rate=m.mean_batch / step, unit="sample")]
             demands["accelerator"] = 1.0
         ev = evaluate(res + step_res, [Stage(name=f"split {k}", demands=demands)])
+        if ev.bottleneck == "cpu" and m.busy_cores.get(k, 0.0) > 0:  # CPU-bound: the cores this split used
+            cpu_res = Resource(name="cpu", rate=m.busy_cores[k], unit="core-s")
+            ev = evaluate([cpu_res if r.name == "cpu" else r for r in res] + step_res,
+                          [Stage(name=f"split {k}", demands=demands)])
         out.append(SplitPrediction(split=k, node_stages=[m.stage_names[i] for i in on_node],
                                    samples_per_s=ev.samples_per_s, bottleneck=ev.bottleneck or "-",
                                    bytes_per_sample=wire,
@@ -287,18 +294,27 @@ def _settled_stats(clients: list, timeout: float = 2.0) -> list[dict]:
     return last
 
 
-def _calibrate(spec, pipeline: Pipeline, m: Measurements) -> None:  # noqa: ANN001
+def _calibrate(spec, pipeline: Pipeline, m: Measurements, passes: int = 2) -> None:  # noqa: ANN001
     """CPU seconds per sample at every split, measured (nodes share this machine's cores with the loader).
+
+    Every split runs once per pass, in forward then reverse order, and the
+    passes are averaged: a machine whose speed drifts while the planner
+    measures does not favour the splits measured first.
 
     The runs also show how many cores the loader and nodes keep busy at once:
     runs that saturated the machine (busy cores >= 85% of the profile-based
-    estimate) measure the effective cores better; their median is used.
+    estimate) measure the effective cores better; their median is used. Each
+    split's own busy cores are kept too: a split the model finds CPU-bound is
+    predicted with the cores it kept busy (``predict``).
     """
-    busy = []
-    for k in [0, *m.stage_stops]:
-        m.cpu_measured[k], b, m.wake_s[k] = _cpu_per_sample(spec, pipeline, m, k)
-        busy.append(b)
-    saturated = [b for b in busy if b >= 0.85 * m.cores]
+    splits = [0, *m.stage_stops]
+    runs: dict[int, list[tuple[float, float, float]]] = {k: [] for k in splits}
+    for i in range(passes):
+        for k in splits if i % 2 == 0 else splits[::-1]:
+            runs[k].append(_cpu_per_sample(spec, pipeline, m, k))
+    for k, rs in runs.items():
+        m.cpu_measured[k], m.busy_cores[k], m.wake_s[k] = (float(np.mean(v)) for v in zip(*rs))
+    saturated = [b for b in m.busy_cores.values() if b >= 0.85 * m.cores]
     if saturated:
         m.cores = float(np.median(saturated))
 
