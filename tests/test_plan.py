@@ -11,7 +11,8 @@ import pytest
 
 from nearstore import Loader, standard_train
 from nearstore.node import LocalCluster
-from nearstore.plan import Measurements, plan, predict
+from nearstore.plan import Measurements, SplitPrediction, plan, predict
+from nearstore.plan.planner import choose
 from nearstore.store.ingest import ingest
 from nearstore.store.synth import SynthSpec, synth_folder
 
@@ -51,6 +52,30 @@ def test_shares_and_shared_cores_enter_the_prediction():
     # node 0 serves 3/4 of the samples: 1 / (0.75 x 5 ms) = 267/s; the shared 1.5 cores: 1.5 / 5 ms = 300/s
     assert by[2].samples_per_s == pytest.approx(1 / (0.75 * 0.005)) and by[2].bottleneck == "node0"
     assert by[0].samples_per_s == pytest.approx(1.5 / 0.005) and by[0].bottleneck == "cpu"
+
+
+def test_cpu_bound_split_uses_the_cores_its_calibration_kept_busy():
+    m = _m(colocated=True, cores=2.0, host_workers=8, node_stage_s=[[0.001, 0.001], [0.001, 0.001]])
+    base = {p.split: p for p in predict(m)}
+    assert base[0].samples_per_s == pytest.approx(2.0 / 0.005) and base[0].bottleneck == "cpu"
+    m.busy_cores = {0: 1.5, 2: 1.0}  # split 0 kept 1.5 cores busy; split 2 is not CPU-bound, so its 1.0 is moot
+    by = {p.split: p for p in predict(m)}
+    assert by[0].samples_per_s == pytest.approx(1.5 / 0.005) and by[0].bottleneck == "cpu"
+    assert by[2].bottleneck != "cpu" and by[2].samples_per_s == pytest.approx(base[2].samples_per_s)
+
+
+def test_choice_breaks_ties_within_the_measurement_noise():
+    def pred(split: int, rate: float, nbytes: float, stages: int) -> SplitPrediction:
+        return SplitPrediction(split=split, node_stages=[f"s{i}" for i in range(stages)], samples_per_s=rate,
+                               bottleneck="cpu", bytes_per_sample=nbytes, utilization={})
+
+    preds = [pred(0, 930.0, 100e3, 0), pred(2, 1040.0, 150e3, 1), pred(4, 1030.0, 150e3, 3), pred(5, 1050.0, 600e3, 4)]
+    assert choose(preds)[0] == 4  # 2, 4, 5 within 3% of the fastest: fewest bytes (2, 4), then most on the nodes
+    assert choose(preds, noise=0.5)[0] == 4  # the band is at most 10%: split 0 (11% slower) is not a tie
+    preds[0] = pred(0, 980.0, 100e3, 0)
+    k, reason = choose(preds, noise=0.08)
+    assert k == 0 and "within 8%" in reason  # now split 0 is within the noise and moves the fewest bytes
+    assert choose(preds, noise=0.0)[0] == 4
 
 
 @pytest.fixture(scope="module")

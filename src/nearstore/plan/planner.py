@@ -69,6 +69,9 @@ class Measurements:
     # cores kept busy during that run, per split: where the split is CPU-bound this is the CPU it can use
     # (below the machine's cores when, say, a node's single worker idles between requests)
     busy_cores: dict[int, float] = field(default_factory=dict)
+    # how far apart repeated calibration runs of the same split landed (median relative difference of their
+    # throughputs): predictions closer than this cannot be told apart
+    noise: float = 0.0
     # seconds a training-loop thread that sleeps (the accelerator step) waits to run again, per split:
     # the loader's Python threads hold the GIL; the step effectively lasts step_time + this
     wake_s: dict[int, float] = field(default_factory=dict)
@@ -153,15 +156,29 @@ def predict(m: Measurements) -> list[SplitPrediction]:
     return out
 
 
-def choose(preds: list[SplitPrediction]) -> tuple[int, str]:
-    """The fastest split; within 3% of it, the one that moves fewer bytes (ties favour less link use)."""
+MIN_TIE, MAX_TIE = 0.03, 0.10
+
+
+def choose(preds: list[SplitPrediction], *, noise: float = 0.0) -> tuple[int, str]:
+    """The fastest split; among those it cannot tell from the fastest, the fewest bytes on the link, then
+    the most stages on the nodes.
+
+    Predictions within ``noise`` (the measurements' own spread, 3-10%) of the
+    fastest are a tie: then the split that leaves the link more headroom wins,
+    and among equal bytes the one that offloads more (the host's CPU is the
+    training job's).
+    """
+    tie = min(MAX_TIE, max(MIN_TIE, noise))
     best = max(p.samples_per_s for p in preds)
-    near = [p for p in preds if p.samples_per_s >= 0.97 * best]
-    pick = min(near, key=lambda p: (p.bytes_per_sample, -p.samples_per_s))
+    near = [p for p in preds if p.samples_per_s >= (1 - tie) * best]
+    pick = min(near, key=lambda p: (round(p.bytes_per_sample), -len(p.node_stages), -p.samples_per_s))
     where = "+".join(pick.node_stages) if pick.node_stages else "nothing"
     others = ", ".join(f"split {p.split}: {p.samples_per_s:,.0f}/s ({p.bottleneck})" for p in preds if p is not pick)
+    tied = [p.split for p in near if p is not pick]
+    why = (f"; within {tie:.0%} (the measurements' spread) of split(s) {', '.join(map(str, tied))}, it moves the "
+           "fewest bytes and runs the most on the nodes" if tied else "")
     reason = (f"split {pick.split} (nodes run {where}): {pick.samples_per_s:,.0f} samples/s predicted, "
-              f"bound by {pick.bottleneck}, {pick.bytes_per_sample:,.0f} B/sample on the link; vs {others}")
+              f"bound by {pick.bottleneck}, {pick.bytes_per_sample:,.0f} B/sample on the link{why}; vs {others}")
     return pick.split, reason
 
 
@@ -314,6 +331,9 @@ def _calibrate(spec, pipeline: Pipeline, m: Measurements, passes: int = 2) -> No
             runs[k].append(_cpu_per_sample(spec, pipeline, m, k))
     for k, rs in runs.items():
         m.cpu_measured[k], m.busy_cores[k], m.wake_s[k] = (float(np.mean(v)) for v in zip(*rs))
+    if passes > 1:  # throughput of each run = busy cores / CPU seconds per sample
+        spread = [float(np.ptp(r) / np.mean(r)) for r in ([b / c for c, b, _ in rs] for rs in runs.values())]
+        m.noise = float(np.median(spread))
     saturated = [b for b in m.busy_cores.values() if b >= 0.85 * m.cores]
     if saturated:
         m.cores = float(np.median(saturated))
@@ -417,5 +437,5 @@ def plan(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: float
     m = measure(cluster, pipeline, host_workers=host_workers, step_time=step_time, batch_size=batch_size,
                 samples=samples)
     preds = predict(m)
-    k, reason = choose(preds)
+    k, reason = choose(preds, noise=m.noise)
     return Plan(choice=k, reason=reason, predictions=preds, measurements=m)
