@@ -71,7 +71,7 @@ def run_scenario(store: Path, *, cap: float | None, workers: int, step: float | 
     return {"choice": p.choice, "reason": p.reason, "splits": rows, "best_measured": best,
             "chosen_measured": chosen["measured"], "choice_within_5pct": chosen["measured"] >= 0.95 * best,
             "max_abs_error": max(abs(r["error"]) for r in rows),
-            "cores": p.measurements.cores, "node_share": p.measurements.node_share}
+            "cores": p.measurements.cores, "noise": p.measurements.noise, "node_share": p.measurements.node_share}
 
 
 def main(argv: list[str] | None = None) -> int:

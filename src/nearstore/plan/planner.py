@@ -174,9 +174,13 @@ def choose(preds: list[SplitPrediction], *, noise: float = 0.0) -> tuple[int, st
     pick = min(near, key=lambda p: (round(p.bytes_per_sample), -len(p.node_stages), -p.samples_per_s))
     where = "+".join(pick.node_stages) if pick.node_stages else "nothing"
     others = ", ".join(f"split {p.split}: {p.samples_per_s:,.0f}/s ({p.bottleneck})" for p in preds if p is not pick)
-    tied = [p.split for p in near if p is not pick]
-    why = (f"; within {tie:.0%} (the measurements' spread) of split(s) {', '.join(map(str, tied))}, it moves the "
-           "fewest bytes and runs the most on the nodes" if tied else "")
+    tied = [p for p in near if p is not pick]
+    why = ""
+    if tied:
+        fewer = all(round(pick.bytes_per_sample) < round(p.bytes_per_sample) for p in tied)
+        because = "it moves the fewest bytes" if fewer else "it moves the fewest bytes and, of those, runs the most on the nodes"
+        why = (f"; tied within {tie:.0%} (the measurements' spread) with split(s) "
+               f"{', '.join(str(p.split) for p in tied)}: {because}")
     reason = (f"split {pick.split} (nodes run {where}): {pick.samples_per_s:,.0f} samples/s predicted, "
               f"bound by {pick.bottleneck}, {pick.bytes_per_sample:,.0f} B/sample on the link{why}; vs {others}")
     return pick.split, reason
