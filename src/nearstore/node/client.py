@@ -27,8 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow.flight as flight
 
-from nearstore.core.memory import retain_freed_memory
 from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError
+from nearstore.core.memory import retain_freed_memory
 from nearstore.loader.sources import Fetched
 from nearstore.node.cluster import ClusterSpec
 from nearstore.node.protocol import Row, Ticket, decode_rows, wire_bytes
@@ -51,6 +51,8 @@ def message_bytes(link_mbps: float | None) -> int:
     if not link_mbps:
         return MAX_MESSAGE_BYTES
     return int(min(MAX_MESSAGE_BYTES, max(MIN_MESSAGE_BYTES, link_mbps * 1e6 * MESSAGE_SECONDS)))
+
+
 # how gRPC words a stream cut by a peer that died (it is sometimes reported as an internal error)
 _BROKEN = re.compile(r"RST_STREAM|Socket closed|Connection reset|connection refused|EOF|unavailable", re.I)
 

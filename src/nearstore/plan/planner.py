@@ -8,7 +8,12 @@ Resources (``nearstore.model.Resource``), per split k (ops[:k] on the nodes):
 - ``host_threads``: the loader's ``workers`` op threads; demand: host stages
   + the per-byte receive cost (crc check, batch assembly, gRPC).
 - ``cpu``: when nodes and loader share a machine (loopback endpoints), its
-  effective cores, measured; demand: everything above.
+  effective cores, measured (for a split that is CPU-bound: the cores its own
+  calibration runs kept busy); demand: everything above, measured per split.
+
+``choose`` takes the fastest split; predictions within the calibration runs'
+own spread of it are a tie, won by the fewest bytes on the link, then the most
+stages on the nodes.
 - ``link<i>``: node i's link at the cap (when capped); demand: its share of
   the samples x bytes per sample on the wire at this split.
 - ``accelerator``: batch / step time samples/s; demand: 1 per sample.
@@ -336,7 +341,8 @@ def _calibrate(spec, pipeline: Pipeline, m: Measurements, passes: int = 2) -> No
     for k, rs in runs.items():
         m.cpu_measured[k], m.busy_cores[k], m.wake_s[k] = (float(np.mean(v)) for v in zip(*rs))
     if passes > 1:  # throughput of each run = busy cores / CPU seconds per sample
-        spread = [float(np.ptp(r) / np.mean(r)) for r in ([b / c for c, b, _ in rs] for rs in runs.values())]
+        rates = [[b / max(c, 1e-9) for c, b, _ in rs] for rs in runs.values()]
+        spread = [float(np.ptp(r) / max(np.mean(r), 1e-9)) for r in rates]
         m.noise = float(np.median(spread))
     saturated = [b for b in m.busy_cores.values() if b >= 0.85 * m.cores]
     if saturated:
