@@ -40,8 +40,8 @@ from typing import Any, Callable, Literal
 import psutil
 import pyarrow as pa
 
-from nearstore.core.memory import BlockPool
 from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError, StoreError
+from nearstore.core.memory import BlockPool
 from nearstore.node.protocol import Packed, assemble_rows, encode_rows, pack_rows, response_schema
 from nearstore.ops.image import worker_init
 from nearstore.ops.pipeline import Pipeline, input_spec_of
