@@ -1,8 +1,16 @@
-"""Op contract: declared specs, validated parameters, a registry, and per-sample randomness.
+"""The stage contract: declared specs, validated parameters, a registry, batches and per-sample randomness.
+
+This module is the one neutral contract that the loader, the node workers, the
+planner and the designer share (it imports nothing of theirs).
 
 An op is a registered class with a pydantic ``Params`` model. Before running,
 ``declare(spec_in) -> spec_out`` states the output kind, shape, dtype and mean
-bytes per sample, so planners and the designer reason without executing it.
+bytes per sample, where the op can run (``where``: "cpu", "accelerator") and
+what it costs per sample (``macs``, ``param_bytes``, ``resident_bytes``), so
+planners and the designer reason without executing it. Ops run on batches
+(``run_batch``); the default loops over the samples (``into``/``__call__``),
+and an op that really batches overrides it and sets ``batched = True``. A
+sample's output never depends on how samples were grouped into batches.
 Randomness comes only from ``rng_for(seed, epoch, key, position)``: a sample's
 output depends on nothing but its input bytes and those four values, whichever
 process (node or host) runs the op.
@@ -20,10 +28,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nearstore.core.errors import OpParamError
 
-__all__ = ["Spec", "Op", "OpParams", "register", "registry", "make_op", "rng_for", "rng_reused", "KINDS"]
+__all__ = ["Spec", "Op", "OpParams", "register", "unregister", "registry", "make_op", "rng_for", "rng_reused",
+           "KINDS", "PLACES", "NO_COST"]
 
-#: kinds of data flowing between ops
+#: kinds of data flowing between ops (ops from plugins may add their own)
 KINDS = ("jpeg", "npy", "image", "chw_u8", "chw_f32")
+
+#: where an op can run
+PLACES = ("cpu", "accelerator")
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,13 @@ class Spec:
     ``shape`` uses None for dimensions that vary per sample; ``hw`` is the mean
     (height, width) of variable-size images (from the manifest), used to
     estimate ``bytes`` (the mean bytes per sample).
+
+    The cost fields describe the op that produced this spec (the same fields
+    the designer's workload stages carry): ``where`` it can run (a subset of
+    ``PLACES``), ``macs`` (multiply-accumulates per sample; 0 for ops whose
+    cost is only measured, like decoding), ``param_bytes`` (its parameters,
+    held once per worker) and ``resident_bytes`` (bytes held per sample while
+    it runs: per batch, batch size x this).
     """
 
     kind: str
@@ -40,6 +59,18 @@ class Spec:
     dtype: str
     bytes: float
     hw: tuple[float, float] | None = None
+    where: tuple[str, ...] = ("cpu",)
+    macs: float = 0.0
+    param_bytes: float = 0.0
+    resident_bytes: float = 0.0
+
+    def __post_init__(self) -> None:
+        bad = [w for w in self.where if w not in PLACES]
+        if bad or not self.where:
+            raise OpParamError(f"Spec.where must be a non-empty subset of {PLACES}, got {self.where!r}")
+        for name in ("macs", "param_bytes", "resident_bytes"):
+            if getattr(self, name) < 0:
+                raise OpParamError(f"Spec.{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def fixed(self) -> bool:
@@ -47,6 +78,14 @@ class Spec:
 
     def with_(self, **kw: Any) -> "Spec":
         return replace(self, **kw)
+
+    def costless(self) -> "Spec":
+        """This data spec with the cost of a cheap cpu op (for ops that pass their input through)."""
+        return replace(self, **NO_COST)
+
+
+#: the cost fields of an op that only moves or relabels data
+NO_COST: dict[str, Any] = {"where": ("cpu",), "macs": 0.0, "param_bytes": 0.0, "resident_bytes": 0.0}
 
 
 class OpParams(BaseModel):
@@ -63,18 +102,26 @@ def register(cls: type["Op"]) -> type["Op"]:
     return cls
 
 
+def unregister(name: str) -> None:
+    """Remove op ``name`` (used to undo a plugin module that failed half-way through importing)."""
+    _REGISTRY.pop(name, None)
+
+
 def registry() -> dict[str, type["Op"]]:
     """Registered ops by name (a copy)."""
     return dict(_REGISTRY)
 
 
 class Op:
-    """Base class. Subclasses set ``name``, ``inputs`` (accepted kinds), ``random`` and ``Params``."""
+    """Base class. Subclasses set ``name``, ``inputs`` (accepted kinds), ``random`` and ``Params``;
+    ``version`` (reported by a node's ``capabilities``) and ``batched`` (it overrides ``run_batch``)."""
 
     name: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]]
     random: ClassVar[bool] = False
     Params: ClassVar[type[OpParams]] = OpParams
+    version: ClassVar[str] = "1"
+    batched: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -102,6 +149,23 @@ class Op:
     def into(self, x: Any, rng: np.random.Generator | None, out: np.ndarray) -> None:
         """Run and write the result into ``out`` (a batch slot); ops override it to skip a copy."""
         out[...] = self(x, rng)
+
+    def run_batch(self, xs: list, rngs: list[np.random.Generator | None], out: np.ndarray | list) -> None:
+        """Run on a batch: ``xs[i]`` with ``rngs[i]`` -> ``out[i]`` (a slot of an array of the declared
+        output shape, or a list entry to set).
+
+        The default loops over the samples (``into``/``__call__``); ops that
+        batch override it and set ``batched = True``. Either way, sample i's
+        output must not depend on the other samples of the batch (tested per op).
+        A ``SampleDecodeError`` fails the whole call; the caller then runs the
+        samples one at a time to find the bad one.
+        """
+        if isinstance(out, np.ndarray):
+            for i, (x, rng) in enumerate(zip(xs, rngs)):
+                self.into(x, rng, out[i])
+        else:
+            for i, (x, rng) in enumerate(zip(xs, rngs)):
+                out[i] = self(x, rng)
 
     def to_json(self) -> dict:
         return {"op": self.name, **self.params.model_dump(mode="json")}
