@@ -8,6 +8,8 @@ one clear line and exit code 2, never a traceback.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,6 +25,22 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Near-storage processing for deep learning.")
 console = Console(stderr=True)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@app.callback()
+def _setup(log_level: Optional[str] = typer.Option(None, "--log-level", envvar="NEARSTORE_LOG_LEVEL",
+                                                  help="level of nearstore's log on stderr: DEBUG, INFO, WARNING "
+                                                  "(default), ERROR; node processes that `up` starts log at it "
+                                                  "too (default INFO), to STORE/.nearstore/node-XXX.log")) -> None:
+    level = (log_level or "WARNING").upper()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"--log-level must be one of {', '.join(LOG_LEVELS)} (got {log_level!r})")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if log_level:
+        os.environ["NEARSTORE_LOG_LEVEL"] = level  # node processes inherit it
 
 
 def _progress() -> Progress:
@@ -134,6 +152,8 @@ def up(
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert"),
     tls_root_cert: Optional[Path] = typer.Option(None, help="CA loaders verify the nodes against "
                                                  "(default: --tls-cert, for a self-signed certificate)"),
+    metrics_port: Optional[int] = typer.Option(None, help="Prometheus endpoint of node n on this port + n "
+                                               "(0: any free port; the URLs go into the cluster file)"),
 ) -> None:
     """Start a local cluster (one node process per node directory) and write STORE/cluster.json."""
     from nearstore.node.cluster import CLUSTER_FILE, NodeOptions, read_token_file, start_cluster
@@ -142,7 +162,8 @@ def up(
         raise typer.BadParameter(f"{store / CLUSTER_FILE} exists: run `nearstore down {store}` first")
     secret = read_token_file(token_file) if token_file else token
     opts = NodeOptions.of(link_mbps=link_mbps, workers_per_node=workers_per_node, worker_kind=worker_kind,
-                          token=secret, host=host, tls_cert=_opt_str(tls_cert), tls_key=_opt_str(tls_key))
+                          token=secret, host=host, tls_cert=_opt_str(tls_cert), tls_key=_opt_str(tls_key),
+                          metrics_port=metrics_port)
     spec, procs = start_cluster(store, opts, nodes=nodes, tls_root_cert=_opt_str(tls_root_cert), detach=True)
     for p in procs:
         if p.stdout:
@@ -151,7 +172,7 @@ def up(
         spec = spec.model_copy(update={"token": None, "token_file": str(token_file.resolve())})
     spec.save(store / CLUSTER_FILE)
     for ep in spec.nodes:
-        console.print(f"node {ep.node}: {ep.uri} (pid {ep.pid})")
+        console.print(f"node {ep.node}: {ep.uri} (pid {ep.pid})" + (f", metrics {ep.metrics}" if ep.metrics else ""))
     console.print(f"cluster file: {store / CLUSTER_FILE}; stop with `nearstore down {store}`")
 
 
@@ -166,6 +187,24 @@ def down(store: Path = typer.Argument(...)) -> None:
 
     pids = stop_cluster(store)
     console.print(f"stopped {len(pids)} node processes")
+
+
+@app.command()
+def top(
+    store: Path = typer.Argument(..., help="store (or cluster file) of a running cluster"),
+    interval: float = typer.Option(1.0, help="seconds between refreshes"),
+    iterations: Optional[int] = typer.Option(None, help="stop after this many refreshes (default: until Ctrl-C)"),
+) -> None:
+    """Live view of a running cluster: per node samples/s, MB/s, link use, CPU, errors, worker restarts."""
+    from nearstore.cli.top import run_top
+    from nearstore.node.cluster import ClusterSpec
+
+    if interval <= 0:
+        raise typer.BadParameter(f"--interval must be > 0 seconds (got {interval})")
+    try:
+        run_top(ClusterSpec.load(store), interval=interval, console=Console(), iterations=iterations)
+    except KeyboardInterrupt:
+        console.print("stopped")
 
 
 @app.command()

@@ -2,13 +2,16 @@
 
 Batch i of an epoch is a pure function of (dataset, seed, epoch, rank,
 world_size, batch_size, i), so the loader's state is (epoch, batches yielded)
-and resuming needs nothing else. Worker threads build whole batches (the
+and resuming needs nothing else. A state saved with another world size
+resumes elastically: the rest of that epoch (``order.resume_offset``) is split
+among the new ranks, and later epochs follow the new world size's order. Worker threads build whole batches (the
 decode and resize kernels release the GIL) straight into a preallocated array
 whose shape comes from the pipeline's declared output spec.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -20,7 +23,7 @@ import numpy as np
 
 from nearstore.core.errors import ConfigError, NearstoreError, ResumeStateError
 from nearstore.core.memory import BlockPool, HeapBlock
-from nearstore.loader.order import Remainder, batch_bounds, epoch_order, num_batches, rank_share
+from nearstore.loader.order import Remainder, batch_bounds, epoch_order, num_batches, rank_share, resume_offset
 from nearstore.loader.sources import Fetched, LocalSource, SampleSource
 from nearstore.ops.base import Spec
 from nearstore.ops.image import worker_init
@@ -29,6 +32,7 @@ from nearstore.ops.pipeline import Pipeline, input_spec_of
 __all__ = ["Loader", "Batch", "LoaderStats", "SampleError"]
 
 STATE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class SampleError(NearstoreError, ValueError):
@@ -164,6 +168,7 @@ class Loader:
         self.output_spec = self.specs[-1]
         self.epoch = 0
         self._batches_done = 0
+        self._start = (0, 0)  # (epoch, offset): that epoch's batches cover order[offset:] (elastic resume)
         self.stats = LoaderStats()
         self._stats_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -171,13 +176,25 @@ class Loader:
         # batch memory, reused once the consumer drops a batch: no page faults per batch
         self._memory = BlockPool(HeapBlock, keep=prefetch + workers + 2)
 
+    def stats_snapshot(self) -> dict:
+        """``stats.as_dict()`` read consistently while batches are being built."""
+        with self._stats_lock:
+            return self.stats.as_dict()
+
     # -- order -------------------------------------------------------------
-    def share(self, epoch: int) -> np.ndarray:
-        order = epoch_order(
+    def _order(self, epoch: int) -> np.ndarray:
+        return epoch_order(
             self.manifest.num_samples, seed=self.seed, epoch=epoch, fingerprint=self.manifest.fingerprint,
             shuffle=self.shuffle,
         )
-        return rank_share(order, rank=self.rank, world_size=self.world_size, remainder=self.remainder)
+
+    def _offset(self, epoch: int) -> int:
+        return self._start[1] if self._start[0] == epoch else 0
+
+    def share(self, epoch: int) -> np.ndarray:
+        """This rank's samples of ``epoch`` (after an elastic resume: of the rest of that epoch)."""
+        return rank_share(self._order(epoch), rank=self.rank, world_size=self.world_size, remainder=self.remainder,
+                          start=self._offset(epoch))
 
     def __len__(self) -> int:
         return num_batches(len(self.share(self.epoch)), self.batch_size, drop_last=self.drop_last)
@@ -186,7 +203,7 @@ class Loader:
         """Start ``epoch`` from its first batch at the next iteration."""
         if epoch < 0:
             raise ConfigError(f"epoch must be >= 0 (got {epoch})")
-        self.epoch, self._batches_done = epoch, 0
+        self.epoch, self._batches_done, self._start = epoch, 0, (epoch, 0)
 
     # -- state ---------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -194,6 +211,7 @@ class Loader:
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "batches_done": self._batches_done,
+            "epoch_start": self._offset(self.epoch),
             "seed": self.seed,
             "shuffle": self.shuffle,
             "fingerprint": self.manifest.fingerprint,
@@ -206,17 +224,33 @@ class Loader:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume where ``state`` stopped. A state from any rank of the same world size resumes exactly (ranks
+        move in lockstep); one from another world size resumes elastically (see ``nearstore.loader.order``)."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ResumeStateError(f"not a nearstore loader state (version {STATE_VERSION}): {str(state)[:80]}")
         mine = self.state_dict()
-        for key in ("seed", "shuffle", "fingerprint", "rank", "world_size", "remainder", "batch_size", "drop_last",
-                    "pipeline"):
+        for key in ("seed", "shuffle", "fingerprint", "remainder", "batch_size", "drop_last", "pipeline"):
             if state.get(key) != mine[key]:
                 raise ResumeStateError(
                     f"state_dict {key}={state.get(key)!r} does not match this loader's {key}={mine[key]!r}; "
-                    "resume with the same dataset, seed, rank layout, batch size and pipeline"
+                    "resume with the same dataset, seed, remainder, batch size and pipeline"
                 )
-        self.epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
+        try:
+            epoch, done, start = int(state["epoch"]), int(state["batches_done"]), int(state.get("epoch_start", 0))
+            world = int(state["world_size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResumeStateError(f"state_dict lacks a valid {exc}: epoch, batches_done and world_size are "
+                                   "integers") from None
+        if world == self.world_size:
+            self.epoch, self._batches_done, self._start = epoch, done, (epoch, start)
+            return
+        n = self.manifest.num_samples
+        offset = resume_offset(n, start=start, world_size=world, batches_done=done, batch_size=self.batch_size)
+        if offset >= n:  # that epoch was fully consumed
+            epoch, offset = epoch + 1, 0
+        log.info("elastic resume: state of %d ranks at epoch %d, batch %d -> %d ranks continue epoch %d at "
+                 "sample %d of %d", world, int(state["epoch"]), done, self.world_size, epoch, offset, n)
+        self.epoch, self._batches_done, self._start = epoch, 0, (epoch, offset)
 
     # -- iteration -------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:

@@ -9,6 +9,12 @@
   floor(n / world_size) (no duplicates; fewer than world_size samples skipped
   this epoch, different ones each epoch).
 - ``batch_bounds``: batch i covers share[start:stop].
+- ``resume_offset``: elastic resume. Shares are strided and ranks advance in
+  lockstep (under DDP every step all-reduces), so after b batches of size B
+  on W ranks the samples consumed are exactly a prefix of the epoch order:
+  ``order[:start + b*B*W]``. The unconsumed rest is ``order[offset:]``; a new
+  world size W' splits it with ``rank_share(order, ..., start=offset)``,
+  padding (remainder 'pad') only with samples already consumed this epoch.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 
 from nearstore.core.errors import ConfigError
 
-__all__ = ["epoch_order", "rank_share", "batch_bounds", "num_batches", "Remainder"]
+__all__ = ["epoch_order", "rank_share", "batch_bounds", "num_batches", "resume_offset", "Remainder"]
 
 Remainder = Literal["pad", "drop"]
 
@@ -40,23 +46,52 @@ def epoch_order(n: int, *, seed: int, epoch: int, fingerprint: str = "", shuffle
     return rng.permutation(n).astype(np.int64)
 
 
-def rank_share(order: np.ndarray, *, rank: int, world_size: int, remainder: Remainder = "pad") -> np.ndarray:
-    """This rank's samples, in order; shares of different ranks are disjoint (but for padding)."""
+def rank_share(order: np.ndarray, *, rank: int, world_size: int, remainder: Remainder = "pad",
+               start: int = 0) -> np.ndarray:
+    """This rank's samples of ``order[start:]``, in order; shares of different ranks are disjoint (but for
+    padding).
+
+    ``start`` > 0 is the rest of an epoch after an elastic resume: with 'pad',
+    the padding repeats samples of ``order[:start]`` (already consumed this
+    epoch), so no unconsumed sample is delivered twice.
+    """
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1 (got {world_size})")
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank must be in 0..{world_size - 1} (got {rank})")
-    n = len(order)
+    if not 0 <= start <= len(order):
+        raise ConfigError(f"start must be in 0..{len(order)} (got {start})")
+    rest = order[start:]
+    n = len(rest)
     if remainder == "drop":
-        order = order[: (n // world_size) * world_size]
+        rest = rest[: (n // world_size) * world_size]
     elif remainder == "pad":
-        total = -(-n // world_size) * world_size
-        if total > n:
-            reps = -(-total // max(n, 1))
-            order = np.concatenate([order] * (reps + 1))[:total] if n else order
+        missing = -(-n // world_size) * world_size - n
+        pool = order[:start] if start else rest  # what padding repeats
+        if missing and len(pool):
+            rest = np.concatenate([rest, np.resize(pool, missing)])  # np.resize repeats pool cyclically
     else:
         raise ConfigError(f"remainder must be 'pad' or 'drop' (got {remainder!r})")
-    return order[rank::world_size]
+    return rest[rank::world_size]
+
+
+def resume_offset(n: int, *, start: int, world_size: int, batches_done: int, batch_size: int) -> int:
+    """Where the unconsumed rest of an epoch begins in its order, after ``batches_done`` batches of
+    ``batch_size`` on each of ``world_size`` ranks (in lockstep) from ``start``.
+
+    Batch b of every rank covers rows [b*B, (b+1)*B) of its strided share, so
+    the first ``batches_done`` batches of all ranks together are the prefix of
+    ``order[start:]`` of length ``batches_done * B * W`` (capped at the end:
+    padding rows are repeats of consumed samples).
+    """
+    for name, v in (("start", start), ("batches_done", batches_done)):
+        if v < 0:
+            raise ConfigError(f"{name} must be >= 0 (got {v})")
+    if world_size < 1 or batch_size < 1:
+        raise ConfigError(f"world_size and batch_size must be >= 1 (got {world_size}, {batch_size})")
+    if start > n:
+        raise ConfigError(f"start must be in 0..{n} (got {start})")
+    return min(n, start + batches_done * batch_size * world_size)
 
 
 def num_batches(share_len: int, batch_size: int, *, drop_last: bool = False) -> int:

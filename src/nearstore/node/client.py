@@ -17,6 +17,7 @@ answers ``health``.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -37,6 +38,7 @@ from nearstore.store.manifest import Manifest
 
 __all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSource", "message_bytes"]
 
+log = logging.getLogger(__name__)
 MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES = 2 << 20, 8 << 20
 MESSAGE_SECONDS = 0.02  # a record batch is about this much time on a capped link
 
@@ -157,6 +159,7 @@ class ClusterSource:
         self.wire_bytes = 0
         self.payload_bytes = 0
         self.wire_by_node: dict[int, int] = {n: 0 for n in self.clients}
+        self.samples_by_node: dict[int, int] = {n: 0 for n in self.clients}
         self.samples_received = 0
         self.failovers: list[dict] = []
         self.rejoined: list[dict] = []
@@ -200,6 +203,7 @@ class ClusterSource:
                 old, self.clients[node] = self.clients[node], self._client(node)
                 old.close()
                 self.rejoined.append({"node": node, "at": time.time()})
+                log.info("node %d answers again; using it", node)
         return True
 
     def _node_for(self, shard: int, exclude: set[int] = frozenset()) -> int | None:  # type: ignore[assignment]
@@ -279,6 +283,7 @@ class ClusterSource:
         with self._lock:
             if node not in self._down:
                 self._down[node] = (time.monotonic(), str(exc))
+                log.warning("node %d is down, asking replicas for its %d samples: %s", node, samples, exc)
             self.failovers.append({"node": node, "error": str(exc), "at": time.time(), "samples": samples,
                                    "detected_s": time.monotonic() - t0, "_t0": t0})
 
@@ -297,6 +302,7 @@ class ClusterSource:
         with self._lock:
             self.payload_bytes += sum(r.nbytes for r in rows)
             self.samples_received += len(rows)
+            self.samples_by_node[node] += len(rows)
         if [r.sample for r in rows] != samples:
             raise NodeRequestError(f"node {node} answered {len(rows)} samples out of order or incomplete")
         return rows
@@ -305,6 +311,11 @@ class ClusterSource:
         with self._lock:
             self.wire_bytes += nbytes
             self.wire_by_node[node] += nbytes
+
+    def node_counters(self) -> dict[int, tuple[int, int]]:
+        """node -> (wire bytes received, samples received) so far."""
+        with self._lock:
+            return {n: (self.wire_by_node[n], self.samples_by_node[n]) for n in self.wire_by_node}
 
     def stats(self) -> dict:
         with self._lock:

@@ -10,6 +10,7 @@ global.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ __all__ = ["NodeEndpoint", "ClusterSpec", "LocalCluster", "NodeOptions", "start_
            "stop_cluster", "CLUSTER_FILE", "ClusterStartError", "token_from_env", "read_token_file"]
 
 CLUSTER_FILE = "cluster.json"
+log = logging.getLogger(__name__)
 
 
 class ClusterStartError(NearstoreError, RuntimeError):
@@ -39,6 +41,7 @@ class NodeEndpoint(BaseModel):
     node: int
     uri: str
     pid: int | None = None
+    metrics: str | None = None  # the node's Prometheus endpoint (http://host:port/metrics), when it has one
 
 
 class ClusterSpec(BaseModel):
@@ -132,6 +135,12 @@ class NodeOptions(BaseModel):
     tls_cert: str | None = None
     tls_key: str | None = None
     slowdown: float = Field(1.0, ge=1.0)
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # node n serves metrics on this + n (0: any free port)
+
+    def metrics_port_of(self, n: int) -> int | None:
+        if self.metrics_port is None:
+            return None
+        return self.metrics_port + n if self.metrics_port else 0
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "NodeOptions":
@@ -173,6 +182,8 @@ def _launch_node(store: Path, n: int, opts: NodeOptions, *, port: int, detach: b
         cmd += ["--tls-cert", opts.tls_cert, "--tls-key", opts.tls_key or ""]
     if opts.slowdown != 1.0:
         cmd += ["--slowdown", str(opts.slowdown)]
+    if opts.metrics_port is not None:
+        cmd += ["--metrics-port", str(opts.metrics_port_of(n))]
     env = dict(os.environ)
     if opts.token:
         env["NEARSTORE_TOKEN"] = opts.token
@@ -189,7 +200,8 @@ def _await_node(store: Path, n: int, opts: NodeOptions, proc: subprocess.Popen, 
             proc.stdout.close()
         err = (store / ".nearstore" / f"{node_dir_name(n)}.log").read_text()[-2000:]
         raise ClusterStartError(f"node {n} did not start: {err.strip() or 'no output'}")
-    return NodeEndpoint(node=n, uri=f"{opts.scheme}://{opts.host}:{info['port']}", pid=proc.pid)
+    metrics = f"http://{opts.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else None
+    return NodeEndpoint(node=n, uri=f"{opts.scheme}://{opts.host}:{info['port']}", pid=proc.pid, metrics=metrics)
 
 
 def wait_healthy(spec: ClusterSpec, endpoints: list[NodeEndpoint], timeout: float) -> None:
@@ -237,6 +249,7 @@ def start_cluster(store: str | Path, opts: NodeOptions | None = None, *, nodes: 
     except BaseException:
         _terminate(procs)
         raise
+    log.info("started %d nodes of %s: %s", k, man.name, ", ".join(ep.uri for ep in endpoints))
     return spec, procs
 
 
@@ -281,8 +294,10 @@ def stop_cluster(store: str | Path, timeout: float = 10.0) -> list[int]:
                 pass
             time.sleep(0.05)
         if _pid_alive(pid):
+            log.warning("node process %d ignored SIGTERM for %.0f s; killing it", pid, timeout)
             os.kill(pid, signal.SIGKILL)
     path.unlink(missing_ok=True)
+    log.info("stopped node processes %s", pids)
     return pids
 
 
@@ -296,7 +311,7 @@ class LocalCluster:
     def __init__(self, store: str | Path, *, nodes: int | None = None, tls_root_cert: str | None = None,
                  **options: object) -> None:
         """``options``: the fields of ``NodeOptions`` (link_mbps, workers_per_node, worker_kind, token,
-        tls_cert, tls_key, slowdown)."""
+        tls_cert, tls_key, slowdown, metrics_port)."""
         self.store = Path(store)
         self._opts = NodeOptions.of(**options)
         self.spec, self.procs = start_cluster(store, self._opts, nodes=nodes, tls_root_cert=tls_root_cert)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -29,7 +30,9 @@ import pyarrow.flight as flight
 
 from nearstore.core.errors import ConfigError, NearstoreError
 from nearstore.core.memory import MALLOC_ENV, retain_freed_memory
+from nearstore.core.metrics import MetricsServer
 from nearstore.node.cluster import read_token_file, token_from_env
+from nearstore.node.metrics import NodeCollector
 from nearstore.node.protocol import parse_ticket, wire_bytes
 from nearstore.node.workers import WORKER_KINDS, NodeWork, WorkerCrashedError, WorkerKind, WorkerPool
 from nearstore.ops.pipeline import Pipeline
@@ -37,6 +40,8 @@ from nearstore.ops.pipeline import Pipeline
 __all__ = ["NodeServer", "LinkCap", "TokenMiddlewareFactory", "main"]
 
 MAX_PROFILE_SAMPLES = 256
+LOG_LEVEL_ENV = "NEARSTORE_LOG_LEVEL"  # the level a node process logs at when --log-level is not given
+log = logging.getLogger("nearstore.node.server")  # not __main__ when run with -m
 
 
 class LinkCap:
@@ -88,6 +93,7 @@ class _Stats:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.requests = 0
+        self.in_flight = 0  # streams being served now
         self.samples = 0
         self.processed = 0  # samples the workers ran, sent or not (a cancelled stream's read-ahead too)
         self.wire_bytes = 0
@@ -153,6 +159,7 @@ class NodeServer(flight.FlightServerBase):
     def _bad(self, msg: str) -> flight.FlightServerError:
         with self.stats.lock:
             self.stats.bad_requests += 1
+        log.warning("node %s refused a request: %s", self.node_id, msg)
         return flight.FlightServerError(msg)
 
     def _check_dataset(self, name: str) -> None:
@@ -190,6 +197,8 @@ class NodeServer(flight.FlightServerBase):
                                 f"{self.node_id} does not hold (nodes {self.store.manifest.shards[s].nodes} do)")
         with self.stats.lock:
             self.stats.requests += 1
+        log.debug("node %s: %d samples, %d ops, epoch %d, from %s", self.node_id, len(ids), len(t.ops), t.epoch,
+                  context.peer())
         return flight.GeneratorStream(schema, self._stream(t.ops, t.seed, t.epoch, ids, t.batch_size, context))
 
     def _stream(self, ops: list, seed: int, epoch: int, ids: list[int], batch_size: int,
@@ -197,6 +206,8 @@ class NodeServer(flight.FlightServerBase):
         """Record batches of ``batch_size`` rows, built on the workers a few ahead, sent in order."""
         chunks = iter([ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
         pending: deque[Future] = deque()
+        with self.stats.lock:
+            self.stats.in_flight += 1
         try:
             for chunk in chunks:
                 pending.append(self.pool.submit(ops, chunk, seed, epoch))
@@ -206,12 +217,13 @@ class NodeServer(flight.FlightServerBase):
                 try:
                     batch, delta = self.pool.result(pending.popleft())
                 except WorkerCrashedError as exc:  # unavailable: a loader re-asks a replica, then this node again
-                    with self.stats.lock:
-                        self.stats.errors += 1
+                    self._count_error("worker_crash")
+                    log.warning("node %s: a worker died mid-request; workers restarted (%d so far)", self.node_id,
+                                self.pool.restarts)
                     raise flight.FlightUnavailableError(f"node {self.node_id}: {exc}") from None
                 except NearstoreError as exc:
-                    with self.stats.lock:
-                        self.stats.errors += 1
+                    self._count_error("failed")
+                    log.error("node %s: request failed: %s", self.node_id, exc)
                     raise flight.FlightServerError(f"node {self.node_id}: {exc}") from None
                 self._add(delta)
                 nxt = next(chunks, None)
@@ -228,8 +240,15 @@ class NodeServer(flight.FlightServerBase):
                     return
                 yield batch
         finally:
+            with self.stats.lock:
+                self.stats.in_flight -= 1
             for f in pending:
                 self.pool.discard(f, account=self._add)
+
+    def _count_error(self, kind: str) -> None:
+        with self.stats.lock:
+            self.stats.errors += 1
+            self.stats.errors_by_kind[kind] = self.stats.errors_by_kind.get(kind, 0) + 1
 
     def list_actions(self, context):  # noqa: ANN001, ANN201
         return [("health", "liveness and what this node holds"), ("stats", "counters since start"),
@@ -302,10 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slowdown", type=float, default=1.0,
                     help="emulate a weaker CPU: ops take this many times as long (default 1)")
     ap.add_argument("--allow-shutdown", action="store_true", help="honour the shutdown action")
+    ap.add_argument("--metrics-port", type=int, default=None,
+                    help="serve Prometheus metrics on this port (0: any free port; default: none)")
+    ap.add_argument("--metrics-host", default=None, help="address the metrics endpoint binds (default: --host)")
+    ap.add_argument("--log-level", default=os.environ.get(LOG_LEVEL_ENV, "INFO"), type=str.upper,
+                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                    help="log to stderr at this level (DEBUG: one line per request; default INFO or $%s)"
+                    % LOG_LEVEL_ENV)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     retain_freed_memory()  # this process is the server's own: reuse freed message buffers
     os.environ.update(MALLOC_ENV)  # and its worker processes (they inherit the environment)
+    metrics = None
     try:
+        if args.metrics_port is not None:  # first: a taken port fails the node before any worker starts
+            metrics = MetricsServer(port=args.metrics_port, host=args.metrics_host or args.host)
         token = args.token or (read_token_file(args.token_file) if args.token_file else token_from_env())
         server = NodeServer(args.data, host=args.host, port=args.port, workers=args.workers,
                             worker_kind=args.worker_kind,
@@ -313,17 +343,31 @@ def main(argv: list[str] | None = None) -> int:
                             tls_cert=args.tls_cert, tls_key=args.tls_key, slowdown=args.slowdown,
                             allow_shutdown=args.allow_shutdown)
     except NearstoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
+        if metrics is not None:
+            metrics.close()
         return 2
+    if metrics is not None:
+        metrics.add(NodeCollector(server))
 
     def stop(*_: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(json.dumps({"port": server.port, "node": server.node_id, "pid": os.getpid()}), flush=True)
+    log.info("node %s serving %s on port %d (%d %s workers, link cap %s)", server.node_id, args.data, server.port,
+             args.workers, args.worker_kind, f"{args.link_mbps} MB/s" if args.link_mbps else "none")
+    # the handshake with the launcher (start_cluster reads this one line), not a message for people
+    ready = {"port": server.port, "node": server.node_id, "pid": os.getpid()}
+    if metrics is not None:
+        ready["metrics_port"] = metrics.port
+    sys.stdout.write(json.dumps(ready) + "\n")
+    sys.stdout.flush()
     server.serve()
     server.close()
+    if metrics is not None:
+        metrics.close()
+    log.info("node %s stopped", server.node_id)
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import json
+import logging
 import mmap
 import multiprocessing as mp
 import multiprocessing.connection
@@ -50,6 +51,7 @@ from nearstore.store.store import Store
 __all__ = ["NodeWork", "WorkerPool", "WorkerCrashedError", "WORKER_KINDS"]
 
 WORKER_KINDS = ("process", "thread")
+log = logging.getLogger(__name__)
 WorkerKind = Literal["process", "thread"]
 
 
@@ -322,6 +324,8 @@ class WorkerPool:
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._start_processes()
                 self.restarts += 1
+                log.warning("node %s: a worker process died; started %d new workers (restart %d)",
+                            self.work.store.node_id, self.workers, self.restarts)
 
     def _submit(self, fn, *args) -> Future:  # noqa: ANN001
         pool = self._pool
