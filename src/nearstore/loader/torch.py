@@ -7,20 +7,31 @@ int64 labels. ``state_dict``/``load_state_dict`` pass through for exact resume.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Iterator
 
 import torch
 
 from nearstore.core.errors import ConfigError
-from nearstore.loader.loader import Loader
+from nearstore.loader.loader import Batch, Loader
 
 __all__ = ["TorchLoader", "dist_rank"]
 
+log = logging.getLogger(__name__)
+
 
 def dist_rank() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when initialized, else (0, 1)."""
+    """(rank, world_size) from torch.distributed when initialized, else from torchrun's RANK and WORLD_SIZE,
+    else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        try:
+            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        except ValueError:
+            raise ConfigError(f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} must be "
+                              "integers (torchrun sets them)") from None
     return 0, 1
 
 
@@ -36,6 +47,11 @@ class TorchLoader:
             if "rank" not in kwargs and "world_size" not in kwargs:
                 kwargs["rank"], kwargs["world_size"] = dist_rank()
             self.loader = Loader(loader, **kwargs)
+        rank, world = dist_rank()
+        if world > 1 and (self.loader.rank, self.loader.world_size) != (rank, world):
+            log.warning("loader rank %d of %d differs from torch.distributed's rank %d of %d: ranks may read "
+                        "overlapping samples", self.loader.rank, self.loader.world_size, rank, world)
+        self.last_batch: Batch | None = None  # the Batch behind the last tensors yielded (ids, epoch, index)
         if not self.loader.output_spec.fixed:
             raise ConfigError(
                 f"the pipeline's output shape {self.loader.output_spec.shape} varies per sample; end it with a "
@@ -44,6 +60,7 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.loader:
+            self.last_batch = batch
             yield torch.from_numpy(batch.data), torch.from_numpy(batch.labels)
 
     def __len__(self) -> int:
