@@ -184,7 +184,7 @@ class NodeServer(flight.FlightServerBase):
             t = parse_ticket(ticket.ticket)
             self._check_dataset(t.dataset)
             ids = t.ids()
-            schema = self.work.schema(t.ops)  # validates the op chain against this store
+            schema = self.work.schema(t.ops, batch_size=t.batch_size, copies=self.workers)  # validates the ops here
         except (ConfigError, ValueError) as exc:
             raise self._bad(str(exc)) from None
         n = len(self.store)

@@ -66,9 +66,10 @@ def _new_delta() -> dict:
 class NodeWork:
     """What one worker does, the same in a process or a thread: read, verify, transform, encode."""
 
-    def __init__(self, data: str | Path, *, slowdown: float = 1.0) -> None:
+    def __init__(self, data: str | Path, *, slowdown: float = 1.0, memory_bytes: float | None = None) -> None:
         self.store = Store.node(data)
         self.slowdown = slowdown
+        self.memory_bytes = memory_bytes  # None: what the machine has available when a ticket arrives
         self._pipelines: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
 
@@ -86,11 +87,31 @@ class NodeWork:
                 self._pipelines[key] = p
         return p
 
-    def schema(self, ops: list) -> pa.Schema:
-        """The response schema for ``ops`` on this store."""
+    def schema(self, ops: list, *, batch_size: int | None = None, copies: int = 1) -> pa.Schema:
+        """The response schema for ``ops`` on this store. With ``batch_size`` (a new request), refuses
+        (``ConfigError``) ops whose declared memory, ``copies`` workers each holding the parameters and a
+        batch of ``batch_size`` samples, exceeds the node's."""
         pipe = self.pipeline(ops)
-        spec = pipe.declare(input_spec_of(self.store.manifest))[-1]
+        specs = pipe.declare(input_spec_of(self.store.manifest))
+        if batch_size is not None:
+            self._check_memory(pipe, specs, batch_size, copies)
+        spec = specs[-1]
         return response_schema(spec.kind, "bytes" if not pipe.ops else spec.dtype)
+
+    def _check_memory(self, pipe: Pipeline, specs: list, batch_size: int, copies: int) -> None:
+        params = sum(s.param_bytes for s in specs[1:])
+        resident = max((s.resident_bytes for s in specs[1:]), default=0.0) * batch_size
+        if not params and not resident:
+            return
+        have = self.memory_bytes if self.memory_bytes is not None else psutil.virtual_memory().available
+        need = copies * (params + resident)
+        if need > have:
+            big = max(zip(specs[1:], pipe.ops), key=lambda so: so[0].param_bytes + so[0].resident_bytes * batch_size)
+            raise ConfigError(
+                f"node {self.store.node_id} cannot run {big[1]!r}: {copies} worker(s) x ({params / 1e6:.1f} MB of "
+                f"parameters + {batch_size} samples x {resident / batch_size / 1e6:.1f} MB resident) = "
+                f"{need / 1e6:.1f} MB, but it has {have / 1e6:.1f} MB of memory; use a smaller network or cut, a "
+                "smaller batch_size, or run these ops on the host")
 
     def rows(self, ops: list, ids: list[int], seed: int, epoch: int) -> tuple[list[tuple], dict]:
         """The response rows for ``ids`` and the stats they add (read time and bytes, op time, errors)."""

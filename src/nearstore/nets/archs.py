@@ -1,0 +1,171 @@
+"""Network architectures as plain data: layers, cuts, and what each cut costs (no torch needed).
+
+A network is described layer by layer (convolutions and the final pooling) so
+that ``describe(arch, cut, hw)`` gives, without building or running anything,
+the activation shape at a cut, the multiply-accumulates up to it, the
+parameter count and bytes, and the activation memory one sample holds while it
+runs. Ops' ``declare`` uses it (node servers never load torch to validate a
+ticket); tests check it against the real modules (``nets.models``) and the
+papers' figures.
+
+Cuts, the same names for every architecture: ``stem`` (ResNet: conv 7x7/2 +
+max-pool, 1/4 resolution; MobileNetV2: the stride-2 stem conv and its first
+inverted residual, 1/2 resolution), ``layer1``..``layer4`` (the end of each
+resolution stage: 1/4, 1/8, 1/16, 1/32; MobileNetV2's layer4 ends with its
+1x1 conv to 1280 channels), ``pooled`` (global average: a vector).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from nearstore.core.errors import OpParamError
+
+__all__ = ["ARCHS", "CUTS", "Conv", "NetInfo", "describe", "layers", "check_arch_cut"]
+
+CUTS = ("stem", "layer1", "layer2", "layer3", "layer4", "pooled")
+
+#: the architectures, each with its published reference (parameters and MACs at 224x224, classifier included)
+ARCHS: dict[str, str] = {
+    "resnet18": "He et al. 2016, Deep Residual Learning (ResNet-18: 11.69M parameters, 1.82 GMAC)",
+    "resnet50": "He et al. 2016, Deep Residual Learning (ResNet-50 v1.5: 25.56M parameters, ~4.1 GMAC)",
+    "mobilenet_v2": "Sandler et al. 2018, MobileNetV2 (3.5M parameters, 300M MAC)",
+}
+
+_RESNET = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
+# MobileNetV2's inverted residual settings (expansion t, channels c, repeats n, first stride s) and the
+# cut each group ends in
+_MNV2 = ((1, 16, 1, 1, "stem"), (6, 24, 2, 2, "layer1"), (6, 32, 3, 2, "layer2"), (6, 64, 4, 2, "layer3"),
+         (6, 96, 3, 1, "layer3"), (6, 160, 3, 2, "layer4"), (6, 320, 1, 1, "layer4"))
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One convolution (with its batch norm when ``bn``); ``hw_out`` is its output resolution."""
+
+    cin: int
+    cout: int
+    k: int
+    stride: int
+    groups: int = 1
+    bn: bool = True
+    hw_in: tuple[int, int] = (0, 0)
+
+    @property
+    def hw_out(self) -> tuple[int, int]:
+        pad = self.k // 2
+        return tuple((d + 2 * pad - self.k) // self.stride + 1 for d in self.hw_in)  # type: ignore[return-value]
+
+    @property
+    def params(self) -> int:
+        return self.k * self.k * self.cin // self.groups * self.cout + (2 * self.cout if self.bn else 0)
+
+    @property
+    def buffers(self) -> int:  # batch norm's running mean and variance
+        return 2 * self.cout if self.bn else 0
+
+    @property
+    def macs(self) -> int:
+        h, w = self.hw_out
+        return self.k * self.k * self.cin // self.groups * self.cout * h * w
+
+
+@dataclass(frozen=True)
+class NetInfo:
+    """What running ``arch`` up to ``cut`` on a ``hw`` input costs per sample (fp32 activations)."""
+
+    arch: str
+    cut: str
+    hw: tuple[int, int]
+    shape: tuple[int, ...]
+    macs: int
+    params: int
+    buffers: int
+    resident_bytes: int
+    convs: list[Conv] = field(repr=False, default_factory=list)
+
+    @property
+    def param_bytes(self) -> int:
+        """fp32 parameters and batch-norm statistics: what a worker holds to run the cut."""
+        return 4 * (self.params + self.buffers)
+
+
+def check_arch_cut(arch: str, cut: str) -> None:
+    if arch not in ARCHS:
+        raise OpParamError(f"unknown network architecture {arch!r}; known: {', '.join(ARCHS)}")
+    if cut not in CUTS:
+        raise OpParamError(f"unknown cut {cut!r} for {arch}; cuts: {', '.join(CUTS)}")
+
+
+def _block(convs: list[tuple[str, Conv]], stage: str, c: Conv) -> Conv:
+    convs.append((stage, c))
+    return c
+
+
+def layers(arch: str, hw: tuple[int, int]) -> tuple[list[tuple[str, Conv]], dict[str, tuple[int, int, int]]]:
+    """Every convolution of ``arch`` on a ``hw`` input, tagged with the cut it belongs to, and the
+    (channels, height, width) at the end of each cut but ``pooled``."""
+    check_arch_cut(arch, "stem")
+    out: list[tuple[str, Conv]] = []
+    ends: dict[str, tuple[int, int, int]] = {}
+    if arch in _RESNET:
+        kind, depths = _RESNET[arch]
+        stem = _block(out, "stem", Conv(3, 64, 7, 2, hw_in=hw))
+        h, w = stem.hw_out
+        h, w = (h + 2 - 3) // 2 + 1, (w + 2 - 3) // 2 + 1  # max-pool 3x3/2, padding 1
+        ends["stem"] = (64, h, w)
+        cin = 64
+        for i, n in enumerate(depths):
+            stage, width = f"layer{i + 1}", 64 << i
+            cout = width * (4 if kind == "bottleneck" else 1)
+            for b in range(n):
+                stride = 2 if (b == 0 and i > 0) else 1
+                if kind == "bottleneck":
+                    a = _block(out, stage, Conv(cin, width, 1, 1, hw_in=(h, w)))
+                    m = _block(out, stage, Conv(width, width, 3, stride, hw_in=a.hw_out))
+                    last = _block(out, stage, Conv(width, cout, 1, 1, hw_in=m.hw_out))
+                else:
+                    a = _block(out, stage, Conv(cin, width, 3, stride, hw_in=(h, w)))
+                    last = _block(out, stage, Conv(width, cout, 3, 1, hw_in=a.hw_out))
+                if stride != 1 or cin != cout:
+                    _block(out, stage, Conv(cin, cout, 1, stride, hw_in=(h, w)))
+                cin, (h, w) = cout, last.hw_out
+            ends[stage] = (cin, h, w)
+    else:  # mobilenet_v2
+        first = _block(out, "stem", Conv(3, 32, 3, 2, hw_in=hw))
+        cin, (h, w) = 32, first.hw_out
+        for t, c, n, s, stage in _MNV2:
+            for b in range(n):
+                stride = s if b == 0 else 1
+                hidden = cin * t
+                if t != 1:
+                    _block(out, stage, Conv(cin, hidden, 1, 1, hw_in=(h, w)))
+                dw = _block(out, stage, Conv(hidden, hidden, 3, stride, groups=hidden, hw_in=(h, w)))
+                _block(out, stage, Conv(hidden, c, 1, 1, hw_in=dw.hw_out))
+                cin, (h, w) = c, dw.hw_out
+            ends[stage] = (cin, h, w)
+        _block(out, "layer4", Conv(320, 1280, 1, 1, hw_in=(h, w)))
+        ends["layer4"] = (1280, h, w)
+    return out, ends
+
+
+def describe(arch: str, cut: str, hw: tuple[int, int] = (224, 224)) -> NetInfo:
+    """Shape, MACs, parameters and resident bytes of ``arch`` run up to ``cut`` on a ``hw`` input."""
+    check_arch_cut(arch, cut)
+    if min(hw) < 32:
+        raise OpParamError(f"network input must be at least 32x32 (got {hw[0]}x{hw[1]}): five stride-2 stages")
+    convs, ends = layers(arch, hw)
+    upto = CUTS[: CUTS.index(cut) + 1]
+    used = [c for stage, c in convs if stage in upto]
+    if cut == "pooled":
+        shape: tuple[int, ...] = (ends["layer4"][0],)
+    else:
+        shape = ends[cut]
+    # activation memory one sample holds at once: the input, the widest conv's input and output, and a
+    # residual branch's input kept alive beside them (an upper-bound estimate, fp32)
+    widest = max(c.cin * c.hw_in[0] * c.hw_in[1] + c.cout * c.hw_out[0] * c.hw_out[1] for c in used)
+    biggest_in = max(c.cin * c.hw_in[0] * c.hw_in[1] for c in used)
+    resident = 4 * (3 * hw[0] * hw[1] + widest + biggest_in + math.prod(shape))
+    return NetInfo(arch, cut, hw, shape, sum(c.macs for c in used), sum(c.params for c in used),
+                   sum(c.buffers for c in used), resident, used)
