@@ -32,6 +32,7 @@ bench: $(VENV)/.dali
 	$(PY) bench/model.py --json bench/results/model.json
 	$(PY) bench/reliability.py --json bench/results/reliability.json
 	$(PY) bench/plan.py --json bench/results/plan.json
+	$(PY) bench/engines.py --json bench/results/engines.json
 
 bench-quick: $(VENV)/.base
 	$(PY) bench/run.py --quick --json bench/results/quick.json
@@ -39,6 +40,7 @@ bench-quick: $(VENV)/.base
 	$(PY) bench/model.py --points 100000 --json bench/results/model-quick.json
 	$(PY) bench/reliability.py --quick --json bench/results/reliability-quick.json
 	$(PY) bench/plan.py --quick --json bench/results/plan-quick.json
+	$(PY) bench/engines.py --quick --json bench/results/engines-quick.json
 
 clean:
 	rm -rf $(VENV) demo-out build src/*.egg-info src/nearstore/ops/*.so

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from nearstore.core.errors import ConfigError
 from nearstore.loader.loader import Loader
+from nearstore.nets import describe
 from nearstore.node.client import NodeClient
 from nearstore.node.cluster import ClusterSpec, LocalCluster
+from nearstore.ops.network import network_ops
 from nearstore.ops.pipeline import Pipeline
+from nearstore.store.manifest import Manifest
+from nearstore.train import HeadTrainer
 
-__all__ = ["emulated_training", "split_sweep", "step_time_for"]
+__all__ = ["emulated_training", "head_training", "split_sweep", "step_time_for"]
 
 def step_time_for(accel: str, model: str, batch_size: int) -> float:
     """Emulated compute seconds for one batch of ``batch_size`` on ``accel`` (linear in batch size).
@@ -52,12 +56,25 @@ def _node_stats(spec: ClusterSpec) -> list[dict]:
 
 def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str, step_time: float,
                       samples: int, batch_size: int = 64, workers: int = 2, seed: int = 0,
-                      warmup_batches: int = 1) -> dict:
+                      warmup_batches: int = 1, step: Callable[[Any], None] | None = None) -> dict:
     """Run ``samples`` samples through Loader(cluster=spec) with a fixed compute time per batch.
 
-    The first ``warmup_batches`` are not timed (start-up, and batches prefetched
-    before the timed window would otherwise inflate a short run's rate).
+    With ``step`` (a real training step, e.g. ``train.HeadTrainer``), each batch
+    runs it instead of sleeping, and its measured time is the compute time
+    (``step_time`` is then ignored). The first ``warmup_batches`` are not timed
+    (start-up, and batches prefetched before the timed window would otherwise
+    inflate a short run's rate).
     """
+
+    def run_step(batch: Any) -> float:
+        if step is None:
+            if step_time:
+                time.sleep(step_time)
+            return step_time
+        t0 = time.perf_counter()
+        step(batch)
+        return time.perf_counter() - t0
+
     before = _node_stats(spec)
     with Loader(cluster=spec, pipeline=pipeline, split=split, batch_size=batch_size, workers=workers,
                 seed=seed) as loader:
@@ -72,23 +89,22 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
             now = time.perf_counter()
             if warm < warmup_batches - 1:
                 warm += 1
-                time.sleep(step_time)
+                run_step(batch)
                 continue
             if t_first is None:
                 t_first = now  # the warm-up steps' waits (start-up, prefetch) are excluded
                 wire0 = source.wire_bytes
                 node0 = dict(source.wire_by_node)
+                first_step = run_step(batch)
             else:
                 stall += now - t_prev
                 seen += len(batch)
                 steps += 1
-                compute += step_time
-            if step_time:
-                time.sleep(step_time)
+                compute += run_step(batch)
             t_prev = time.perf_counter()
             if seen >= samples:
                 break
-        wall = t_prev - t_first - step_time  # the window opens with the first timed step, whose samples are not counted
+        wall = t_prev - t_first - first_step  # the window opens with the first timed step, whose samples are not counted
         wire = source.wire_bytes - wire0
         received = (source.wire_bytes, source.samples_received)
         node_wire = [source.wire_by_node[ep.node] - node0[ep.node] for ep in spec.nodes]
@@ -106,7 +122,8 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
     return {
         "split": split,
         "prefix_ops": prefix,
-        "step_time": step_time,
+        "step_time": step_time if step is None else (compute / steps if steps else 0.0),
+        "step": "emulated" if step is None else "real",
         "samples": seen,
         "samples_per_s": seen / wall if wall else 0.0,
         "au": compute / wall if wall else 0.0,
@@ -140,3 +157,35 @@ def split_sweep(store: str | Path, *, pipeline: Pipeline, caps: list[float | Non
                 r["cap_mb_per_s"] = cap
                 rows.append(r)
     return rows
+
+
+def head_training(spec: ClusterSpec, *, net: str = "resnet18", cut: str = "pooled", dtype: str = "float16",
+                  engine: str = "auto", size: int = 224, hidden: int = 0, lr: float = 1e-2,
+                  split: int | str = "node", samples: int = 512, batch_size: int = 64, workers: int = 2,
+                  seed: int = 0) -> dict:
+    """Transfer learning as the accelerator's work: decode + crop + flip + a frozen ``net`` up to ``cut``
+    (on the nodes for split 'node'), then a real head-training step on the host per batch.
+
+    Reports ``emulated_training``'s figures (samples/s, AU = step time / wall, bytes per sample, node and
+    host stage seconds) and the loss at the start and end.
+    """
+    classes = max(2, len(_manifest(spec).classes))
+    pipe = Pipeline(["decode_jpeg", {"op": "random_resized_crop", "size": size}, "flip", "to_uint8_chw",
+                     *network_ops(net, cut, dtype=dtype, engine=engine, hw=(size, size))])
+    features = describe(net, cut, (size, size)).shape[0]
+    trainer = HeadTrainer(features, classes, hidden=hidden, lr=lr, seed=seed)
+    res = emulated_training(spec, pipeline=pipe, split=split, step_time=0.0, samples=samples,
+                            batch_size=batch_size, workers=workers, seed=seed, step=trainer)
+    first, last = trainer.loss_fell(min(3, len(trainer.losses) // 2)) if len(trainer.losses) >= 2 else (None, None)
+    res.update({"net": net, "cut": cut, "dtype": dtype, "engine": engine, "size": size, "classes": classes,
+                "head": {"hidden": hidden, "lr": lr}, "losses": trainer.losses, "loss_first": first,
+                "loss_last": last})
+    return res
+
+
+def _manifest(spec: ClusterSpec) -> Manifest:
+    c = NodeClient(spec.nodes[0].uri, node=spec.nodes[0].node, token=spec.token)
+    try:
+        return c.manifest()
+    finally:
+        c.close()

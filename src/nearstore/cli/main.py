@@ -62,13 +62,15 @@ def synth(
     seed: int = typer.Option(0, help="seed: the same seed gives the same images"),
     classes: int = typer.Option(10, help="number of classes"),
     large: bool = typer.Option(False, "--large", help="1-4 MP photos instead of ImageNet-like 200-1000 px"),
+    class_colors: bool = typer.Option(False, "--class-colors", help="tint each class with its own hue (separable "
+                                      "classes, for transfer-learning runs)"),
     workers: Optional[int] = typer.Option(None, help="processes (default: all cores)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write a summary as JSON"),
 ) -> None:
     """Write a synthetic ImageNet-like JPEG folder (deterministic for a seed)."""
     from nearstore.store.synth import SynthSpec, synth_folder
 
-    spec = SynthSpec(n=n, seed=seed, classes=classes, large=large)
+    spec = SynthSpec(n=n, seed=seed, classes=classes, large=large, class_colors=class_colors)
     with _progress() as p:
         task = p.add_task("synth", total=n)
         summary = synth_folder(out, spec, workers=workers, progress=lambda k: p.advance(task, k))
@@ -219,6 +221,15 @@ def bench(
     batch_size: int = typer.Option(64, help="with --cluster: batch size"),
     samples: int = typer.Option(512, help="with --cluster: samples to time"),
     normalize: bool = typer.Option(True, help="with --cluster: end the pipeline with normalize"),
+    train_head: bool = typer.Option(False, "--train-head", help="with --cluster: the accelerator's work is a real "
+                                    "training step (a classifier head on --net features) instead of a sleep"),
+    net: str = typer.Option("resnet18", help="with --train-head: backbone (resnet18, resnet50, mobilenet_v2)"),
+    cut: str = typer.Option("pooled", help="with --train-head: where the backbone stops"),
+    dtype: str = typer.Option("float16", help="with --train-head: feature dtype (float32, float16, int8)"),
+    engine: str = typer.Option("auto", help="with --train-head: auto, pytorch, onnxruntime, onnxruntime-int8"),
+    size: int = typer.Option(224, help="with --train-head: crop size the backbone sees"),
+    hidden: int = typer.Option(0, help="with --train-head: hidden units of an MLP head (0: linear)"),
+    lr: float = typer.Option(1e-2, help="with --train-head: Adam learning rate"),
     n: int = typer.Option(1280, help="images per system per round"),
     rounds: int = typer.Option(3, help="interleaved rounds (median reported)"),
     workers: int = typer.Option(2, help="host workers for every system"),
@@ -234,21 +245,38 @@ def bench(
         from nearstore.node.cluster import ClusterSpec
         from nearstore.ops.pipeline import standard_train
 
-        if (step_time is None) == (accel is None):
-            raise typer.BadParameter("give exactly one of --step-time S or --accel NAME [--model M]")
-        step = step_time if step_time is not None else step_time_for(accel, model, batch_size)
         spec = ClusterSpec.load(cluster)
-        res = emulated_training(spec, pipeline=standard_train(normalize=normalize),
-                                split=int(split) if split.isdigit() else split, step_time=step, samples=samples,
-                                batch_size=batch_size)
-        res["accelerator"] = {"name": accel, "model": model} if accel else None
-        t = Table(title=f"emulated training, split {split}, step {step:.4f} s"
-                        + (f" ({accel} {model})" if accel else ""))
+        split_arg = int(split) if split.isdigit() else split
+        if train_head:
+            from nearstore.bench.accel import head_training
+
+            if step_time is not None or accel is not None:
+                raise typer.BadParameter("--train-head measures a real step: drop --step-time / --accel")
+            res = head_training(spec, net=net, cut=cut, dtype=dtype, engine=engine, size=size, hidden=hidden,
+                                lr=lr, split=split_arg, samples=samples, batch_size=batch_size)
+            title = (f"head training on {net} {cut} {dtype} features, split {split}, "
+                     f"step {res['step_time']:.4f} s (measured)")
+            keys = ("samples_per_s", "au", "stall_seconds", "bytes_per_sample", "link_utilization", "loss_first",
+                    "loss_last")
+        else:
+            if (step_time is None) == (accel is None):
+                raise typer.BadParameter("give exactly one of --step-time S, --accel NAME [--model M] or "
+                                         "--train-head")
+            step = step_time if step_time is not None else step_time_for(accel, model, batch_size)
+            res = emulated_training(spec, pipeline=standard_train(normalize=normalize), split=split_arg,
+                                    step_time=step, samples=samples, batch_size=batch_size)
+            res["accelerator"] = {"name": accel, "model": model} if accel else None
+            title = f"emulated training, split {split}, step {step:.4f} s" + (f" ({accel} {model})" if accel else "")
+            keys = ("samples_per_s", "au", "stall_seconds", "bytes_per_sample", "link_utilization")
+        t = Table(title=title)
         t.add_column("metric")
         t.add_column("value", justify="right")
-        for k in ("samples_per_s", "au", "stall_seconds", "bytes_per_sample", "link_utilization"):
+        for k in keys:
             v = res[k]
             t.add_row(k, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        for where in ("node_stage_seconds", "host_stage_seconds"):
+            for k, v in sorted(res[where].items()):
+                t.add_row(f"{where.removesuffix('_stage_seconds')}: {k} s", f"{v:.3f}")
         Console().print(t)
         write_json(json_path, res)
         return

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from nearstore.core.errors import ConfigError
 
-__all__ = ["SynthSpec", "synth_image", "synth_folder"]
+__all__ = ["SynthSpec", "synth_image", "synth_folder", "class_color"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,9 @@ class SynthSpec:
 
     ``large`` makes 1-4 MP photos (raw samples far bigger than a 224x224 input);
     the default makes ImageNet-like images of 200-1000 px a side, ~110 KB each.
+    ``class_colors`` tints each class's background with its own hue, so the
+    classes are separable (a labelled dataset for transfer-learning tests);
+    otherwise content does not depend on the label.
     """
 
     n: int
@@ -36,6 +39,7 @@ class SynthSpec:
     classes: int = 10
     large: bool = False
     quality: int = 90
+    class_colors: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -60,7 +64,16 @@ def _dims(rng: np.random.Generator, large: bool) -> tuple[int, int]:
     return w, h
 
 
-def _pink_field(rng: np.random.Generator, h: int, w: int, alpha: float) -> np.ndarray:
+def class_color(label: int, classes: int) -> np.ndarray:
+    """The background color of class ``label`` of ``classes``: evenly spaced hues, mid saturation and value."""
+    hue = 6.0 * (label % classes) / classes
+    x = 1 - abs(hue % 2 - 1)
+    rgb = [(1, x, 0), (x, 1, 0), (0, 1, x), (0, x, 1), (x, 0, 1), (1, 0, x)][int(hue) % 6]
+    return 60.0 + 130.0 * np.asarray(rgb, np.float64)
+
+
+def _pink_field(rng: np.random.Generator, h: int, w: int, alpha: float,
+                palette: np.ndarray | None = None) -> np.ndarray:
     """Three correlated channels of 1/f^alpha noise, float32 in [0, 255]."""
     fy = np.fft.fftfreq(h)[:, None]
     fx = np.fft.rfftfreq(w)[None, :]
@@ -72,7 +85,8 @@ def _pink_field(rng: np.random.Generator, h: int, w: int, alpha: float) -> np.nd
     spec_base = (base[..., 0] + 1j * base[..., 1]) * amp
     mix = rng.uniform(0.2, 0.9)
     out = np.empty((h, w, 3), np.float32)
-    palette = rng.uniform(40, 215, size=3)
+    drawn = rng.uniform(40, 215, size=3)  # drawn either way: the stream (and other images) stay the same
+    palette = drawn if palette is None else palette
     for c in range(3):
         own = rng.standard_normal((h, w // 2 + 1, 2), dtype=np.float32)
         spec = spec_base * mix + (own[..., 0] + 1j * own[..., 1]) * amp * (1 - mix)
@@ -82,12 +96,13 @@ def _pink_field(rng: np.random.Generator, h: int, w: int, alpha: float) -> np.nd
     return out
 
 
-def synth_image(seed: int, index: int, *, large: bool = False, quality: int = 90) -> bytes:
-    """Return the JPEG bytes of image ``index`` for ``seed``."""
+def synth_image(seed: int, index: int, *, large: bool = False, quality: int = 90,
+                palette: np.ndarray | None = None) -> bytes:
+    """Return the JPEG bytes of image ``index`` for ``seed`` (``palette``: a fixed background color)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, 0x5EED]))
     w, h = _dims(rng, large)
     alpha = rng.uniform(0.85, 1.15)
-    arr = _pink_field(rng, h, w, alpha)
+    arr = _pink_field(rng, h, w, alpha, palette)
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(2, 7))):
@@ -103,10 +118,11 @@ def synth_image(seed: int, index: int, *, large: bool = False, quality: int = 90
     return buf.getvalue()
 
 
-def _write_one(args: tuple[Path, int, int, int, bool, int]) -> int:
-    out, seed, index, classes, large, quality = args
-    data = synth_image(seed, index, large=large, quality=quality)
+def _write_one(args: tuple[Path, int, int, int, bool, int, bool]) -> int:
+    out, seed, index, classes, large, quality, colors = args
     label = index % classes
+    data = synth_image(seed, index, large=large, quality=quality,
+                       palette=class_color(label, classes) if colors else None)
     path = out / f"class_{label:04d}" / f"img_{index:07d}.jpg"
     tmp = path.with_suffix(".jpg.tmp")
     tmp.write_bytes(data)
@@ -128,7 +144,7 @@ def synth_folder(
     out = Path(out)
     for c in range(min(spec.classes, spec.n)):
         (out / f"class_{c:04d}").mkdir(parents=True, exist_ok=True)
-    jobs = [(out, spec.seed, i, spec.classes, spec.large, spec.quality) for i in range(spec.n)]
+    jobs = [(out, spec.seed, i, spec.classes, spec.large, spec.quality, spec.class_colors) for i in range(spec.n)]
     workers = workers or min(os.cpu_count() or 1, 8)
     sizes: list[int] = []
     if workers <= 1:
