@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from nearstore.core.errors import OpParamError
+from nearstore.nets import max_rel_error
+from nearstore.nets.quant import TOLERANCE
 from nearstore.ops import Spec, make_op, registry, rng_for
 from nearstore.ops.base import PLACES, unregister
 from nearstore.ops.plugins import import_errors, load_op_modules, op_origins
@@ -21,7 +23,15 @@ EXAMPLE_PARAMS: dict[str, dict] = {
     "resize": {"size": 48},
     "random_resized_crop": {"size": 56},
     "flip": {"p": 0.5},
+    # a small network, run by one engine: its test below compares within the documented tolerance
+    "network": {"arch": "mobilenet_v2", "cut": "stem", "engine": "pytorch"},
+    "dequantize": {"shape": [4, 2, 2]},
 }
+#: input shapes for ops that need a fixed-size input to declare
+EXAMPLE_SHAPES: dict[str, tuple[int, ...]] = {"network": (3, 64, 64), "dequantize": (20,)}
+#: ops whose outputs depend on summation order (engine, batch size): equal within a tolerance, not bit for bit
+#: (issue 11: network layers are compared against ``nets.quant.TOLERANCE``)
+TOLERANT = {"network": TOLERANCE["pytorch", "float32"]}
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -44,6 +54,9 @@ def _inputs(kind: str, n: int = 5) -> list:
         return [rng.integers(0, 256, (3, 64, 64), dtype=np.uint8) for _ in range(n)]
     if kind == "chw_f32":
         return [rng.standard_normal((3, 64, 64)).astype(np.float32) for _ in range(n)]
+    if kind == "act_q8":  # int8 activations: a float32 scale in the first 4 bytes, then 16 values
+        return [np.concatenate([np.float32(0.5 + i).reshape(1).view(np.int8),
+                                rng.integers(-127, 128, 16, dtype=np.int8)]) for i in range(n)]
     raise AssertionError(f"no example inputs for kind {kind!r}: add them to tests/test_contract.py")
 
 
@@ -69,7 +82,11 @@ def test_any_batch_grouping_gives_the_same_bits(name):
     for groups in ([[0, 1, 2, 3, 4]], [[4, 3], [2, 1, 0]], [[1], [0, 2], [4, 3]], [[3, 0, 4, 1, 2]]):
         got = _run(op, xs, keys, groups)
         for i, (a, b) in enumerate(zip(alone, got)):
-            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), (name, groups, i)
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, groups, i)
+            if name in TOLERANT:
+                assert max_rel_error(b, a) <= TOLERANT[name], (name, groups, i)
+            else:
+                assert np.array_equal(a, b), (name, groups, i)
     # the per-sample path is the same op: __call__ gives the same bits as a batch of one
     for i, x in enumerate(xs):
         rng = rng_for(7, 1, keys[i], 0) if op.random else None
@@ -80,7 +97,7 @@ def test_any_batch_grouping_gives_the_same_bits(name):
 def test_declare_says_where_and_what_it_costs(name):
     op = make_op({"op": name, **EXAMPLE_PARAMS.get(name, {})})
     kind = op.inputs[0]
-    spec_in = Spec(kind, None, "uint8", 1e4, (64.0, 80.0), where=("accelerator",), macs=5e9)
+    spec_in = Spec(kind, EXAMPLE_SHAPES.get(name), "uint8", 1e4, (64.0, 80.0), where=("accelerator",), macs=5e9)
     out = op.declare(spec_in)
     assert out.where and set(out.where) <= set(PLACES)
     assert out.macs >= 0 and out.param_bytes >= 0 and out.resident_bytes >= 0
