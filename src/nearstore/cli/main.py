@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from nearstore.core.errors import NearstoreError
+from nearstore.core.errors import ConfigError, NearstoreError
 
 __all__ = ["app", "main"]
 
@@ -370,21 +370,52 @@ def design(
     arch: str = typer.Option("all", help="host_gpu_server, smart_ebof, smart_nvme_2u, nvdimm (comma list) or all"),
     gpus: int = typer.Option(8, help="accelerators in the compute tier every design feeds"),
     gpu: str = typer.Option("h100", help="catalog accelerator of the compute tier"),
-    validate_: bool = typer.Option(False, "--validate", help="check the model against published figures; "
+    server: str = typer.Option("dgx-h100", help="catalog gpu_server of the compute tier"),
+    compute_nics: Optional[str] = typer.Option(None, "--compute-nics", help="storage NICs per GPU server, "
+                                               "COUNTxMODEL (default: the server's own)"),
+    nics: Optional[str] = typer.Option(None, "--nics", help="uplinks of each storage box, COUNTxMODEL (e.g. 3x100gbe)"),
+    drive: Optional[str] = typer.Option(None, "--drive", help="drive model of the chosen --arch"),
+    drives: Optional[int] = typer.Option(None, "--drives", help="drives per box (or per GPU server)"),
+    boxes: Optional[int] = typer.Option(None, "--boxes", help="storage boxes of each design"),
+    no_gpu_decode: bool = typer.Option(False, "--no-gpu-decode", help="compute servers preprocess on CPUs only "
+                                       "(no DALI on the GPUs)"),
+    core_ms: Optional[float] = typer.Option(None, "--core-ms", help="per-image preprocessing cost on one reference "
+                                            "server core, ms (overrides the workload's)"),
+    dataset_samples: Optional[int] = typer.Option(None, "--dataset-samples", help="dataset size in samples"),
+    years: float = typer.Option(5.0, help="TCO horizon in years"),
+    usd_per_kwh: float = typer.Option(0.10, "--usd-per-kwh", help="energy price for the TCO"),
+    pue: float = typer.Option(1.3, help="data-center PUE for the TCO"),
+    validate_: bool = typer.Option(False, "--validate", help="check the model against published measurements; "
                                    "exit 1 if any check fails"),
-    accelerators_fed: bool = typer.Option(False, "--accelerators-fed", help="how many accelerators each design "
-                                          "keeps at AU >= 90%, preprocessing and offload included"),
-    accelerator: str = typer.Option("h100", help="with --accelerators-fed: a catalog accelerator or an MLPerf "
-                                    "emulated one (h100-mlperf, a100-mlperf)"),
+    accelerators_fed: bool = typer.Option(False, "--accelerators-fed", help="how many accelerators one storage "
+                                          "system keeps at AU >= 90%, preprocessing and offload included"),
+    scale: bool = typer.Option(False, "--scale", help="storage boxes of each design needed to feed --gpus "
+                               "accelerators, their cost and power, and what binds"),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="tornado: the verdict as mfu, the per-core "
+                                     "preprocessing rate, the JPEG decoder and prices vary"),
+    accelerator: Optional[str] = typer.Option(None, help="with --accelerators-fed: a catalog accelerator or an MLPerf "
+                                              "emulated one (default h100)"),
     catalog: list[Path] = typer.Option([], "--catalog", help="extra catalog YAML files (override by name)"),
     workloads: list[Path] = typer.Option([], "--workloads", help="extra workload YAML files"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: bars per design and Pareto fronts"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: bars and Pareto fronts (or the tornado with "
+                                        "--sensitivity)"),
 ) -> None:
-    """Size storage for a workload: each architecture's throughput, bottleneck, power, cost; plots; a verdict."""
-    from nearstore.cli.design import run_design, run_fed, run_validate
-    from nearstore.design import ComputeTier, load_catalog
+    """Size storage for a workload: each architecture's throughput, bottleneck, power, cost, TCO; a verdict."""
+    from nearstore.cli.design import Request, run_design, run_fed, run_scale, run_sensitivity, run_validate
+    from nearstore.design import ComputeTier, Economics, load_catalog, parse_nics
 
+    modes = [m for m, on in (("--validate", validate_), ("--accelerators-fed", accelerators_fed), ("--scale", scale),
+                             ("--sensitivity", sensitivity)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} are separate questions: pass one of them")
+    if accelerator is not None and not accelerators_fed:
+        raise ConfigError("--accelerator only makes sense with --accelerators-fed (the compute tier's GPU is --gpu)")
+    if plot is not None and (validate_ or accelerators_fed or scale):
+        raise ConfigError("--plot draws the design table or, with --sensitivity, the tornado; not with "
+                          f"{modes[0]}")
+    if boxes is not None and scale:
+        raise ConfigError("--scale finds the number of boxes itself: drop --boxes")
     out = Console()
     if validate_:
         ok, res = run_validate(load_catalog(*catalog), out)
@@ -392,11 +423,28 @@ def design(
         if not ok:
             raise typer.Exit(1)
         return
+    template: dict = {}
+    if nics is not None:
+        template["nics"] = parse_nics(nics)
+    if drive is not None:
+        template["drive"] = drive
+    if drives is not None:
+        template["drives"] = drives
+    if boxes is not None:
+        template["boxes"] = boxes
+    tier = ComputeTier(gpus=gpus, gpu=gpu, server=server, gpu_decode=not no_gpu_decode,
+                       nics=parse_nics(compute_nics) if compute_nics else None)
+    req = Request(workload=workload, arch=arch, tier=tier, template=template,
+                  econ=Economics(years=years, usd_per_kwh=usd_per_kwh, pue=pue), workload_files=tuple(workloads),
+                  core_ms=core_ms, dataset_samples=dataset_samples)
     if accelerators_fed:
-        write_json(json_path, run_fed(load_catalog(*catalog), workload, arch, accelerator, out, tuple(workloads)))
-        return
-    res = run_design(catalogs=catalog, workload=workload, arch=arch, tier=ComputeTier(gpus=gpus, gpu=gpu), plot=plot,
-                     console=out, workload_files=tuple(workloads))
+        res = run_fed(load_catalog(*catalog), req, accelerator or "h100", out)
+    elif scale:
+        res = run_scale(load_catalog(*catalog), req, out)
+    elif sensitivity:
+        res = run_sensitivity(load_catalog(*catalog), req, out, plot)
+    else:
+        res = run_design(catalogs=catalog, req=req, plot=plot, console=out)
     write_json(json_path, res)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from nearstore.design.designer import pareto
 
-__all__ = ["plot_design"]
+__all__ = ["plot_design", "plot_tornado"]
 
 
 def plot_design(rows: list[dict], points: list[dict], path: Path, *, title: str) -> Path:
@@ -49,6 +49,34 @@ def plot_design(rows: list[dict], points: list[dict], path: Path, *, title: str)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_tornado(res: dict, path: Path, *, title: str) -> Path:
+    """Tornado: the near-storage advantage at each parameter's low and high end, around the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(reversed(res["rows"]))
+    base = res["baseline"]
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(rows)))
+    for i, r in enumerate(rows):
+        for v, label, color in ((r["low"], r["low_label"], "#1f77b4"), (r["high"], r["high_label"], "#ff7f0e")):
+            ax.barh(i, v - base, left=base, color=color, alpha=0.8)
+            ax.text(v, i, f" {label}: {v:.2f} ({r['low_pick'] if v == r['low'] else r['high_pick']})", va="center",
+                    fontsize=7)
+    ax.axvline(base, color="k", lw=1)
+    ax.axvline(1.0, color="r", lw=1, ls="--", label="near-storage = host-centric")
+    ax.set_yticks(range(len(rows)), [r["parameter"] for r in rows], fontsize=8)
+    ax.set_xlabel("host-centric TCO per sample/s / best near-storage design's (>1: near-storage cheaper)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

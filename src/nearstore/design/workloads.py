@@ -1,9 +1,11 @@
 """Workloads: what one training or inference sample demands, stage by stage.
 
 A workload reads ``sample_bytes`` per sample from storage, then runs its
-stages in order: ``cpu`` stages (seconds of the reference core, output bytes)
-and ``model`` stages (MACs, parameters, activations, batch). Loaded from the
-packaged ``data/workloads.yaml`` plus user files, validated like the catalog.
+stages in order: ``cpu`` stages (seconds of the reference server core, output
+bytes; a JPEG stage may instead run on the GPU server's JPEG decoder and GPU,
+as DALI does) and ``model`` stages (MACs, parameters, activations per sample
+in the batch per device, optimizer). Loaded from the packaged
+``data/workloads.yaml`` plus user files, validated like the catalog.
 """
 
 from __future__ import annotations
@@ -15,11 +17,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nearstore.design.catalog import CatalogError, read_yaml_sources, validate_item
 
-__all__ = ["WorkloadStage", "Workload", "load_workloads"]
+__all__ = ["GpuOffload", "WorkloadStage", "Workload", "load_workloads", "TRAIN_BYTES_PER_PARAM"]
 
-#: bytes of training state per parameter with mixed precision and Adam: fp16 weights and gradients,
-#: fp32 master weights and two moments (2 + 2 + 4 + 4 + 4)
-TRAIN_BYTES_PER_PARAM = 16
+#: bytes of training state per parameter with mixed precision (AMP): fp32 master weights and fp32 gradients
+#: (4 + 4), an fp16 working copy (2), and the optimizer's fp32 state: SGD momentum 4, Adam two moments 8
+TRAIN_BYTES_PER_PARAM = {"sgd": 14, "adam": 18}
+
+
+class GpuOffload(BaseModel):
+    """What a JPEG stage costs when DALI runs it on the GPU server (hardware decoder, CUDA, host residue)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    aug_gmacs: float = Field(ge=0, description="GPU work of crop/resize/flip/normalize, in MAC-equivalents")
+    cuda_decode_gmacs: float = Field(ge=0, description="GPU work of a decode on CUDA cores (no hardware decoder)")
+    host_core_s: float = Field(ge=0, description="host core-seconds per image with the hardware decoder")
+    huffman_core_s: float = Field(ge=0, description="host core-seconds per image when CUDA decodes (Huffman on CPU)")
+    source: str = Field(min_length=3)
 
 
 class WorkloadStage(BaseModel):
@@ -33,17 +46,24 @@ class WorkloadStage(BaseModel):
     passes: float = Field(1.0, gt=0, description="model: forward-pass equivalents per sample (~3 to train)")
     params_m: float = Field(0.0, ge=0)
     train: bool = False
-    activation_mb: float = Field(0.0, ge=0, description="model: activation memory per sample in the batch")
-    batch: int = Field(1, ge=1)
+    activation_mb: float = Field(0.0, ge=0, description="model: fp16 activation memory per sample in the batch")
+    batch: int = Field(1, ge=1, description="model: samples per device per step")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    workspace_gb: float = Field(0.0, ge=0, description="model: framework context and kernel workspace per device")
+    gpu: GpuOffload | None = None
 
     @property
     def macs(self) -> float:
         return self.forward_gmacs * 1e9 * self.passes
 
     def resident_bytes(self, bytes_per_param: float) -> float:
-        """Memory this stage needs on the device that runs it (parameters, optimizer state, activations)."""
-        per_param = TRAIN_BYTES_PER_PARAM if self.train else bytes_per_param
-        return self.params_m * 1e6 * per_param + self.activation_mb * 1e6 * self.batch
+        """Memory this stage needs on one device: parameters (training state with AMP), activations, workspace."""
+        per_param = TRAIN_BYTES_PER_PARAM[self.optimizer] if self.train else bytes_per_param
+        return self.params_m * 1e6 * per_param + self.activation_mb * 1e6 * self.batch + self.workspace_gb * 1e9
+
+    def gradient_bytes(self) -> float:
+        """Bytes one data-parallel all-reduce moves per step and device (fp16 gradients; 0 when not training)."""
+        return self.params_m * 1e6 * 2 if self.train else 0.0
 
 
 class Workload(BaseModel):
@@ -59,6 +79,19 @@ class Workload(BaseModel):
     @property
     def dataset_bytes(self) -> float:
         return self.dataset_samples * self.sample_bytes
+
+    def with_dataset(self, samples: int) -> "Workload":
+        """The same workload over ``samples`` samples (to size a dataset larger than host memory)."""
+        return self.model_copy(update={"dataset_samples": samples})
+
+    def with_core_s(self, core_s: float) -> "Workload":
+        """The same workload with its first cpu stage costing ``core_s`` reference-core seconds per sample."""
+        stages = list(self.stages)
+        for i, st in enumerate(stages):
+            if st.kind == "cpu":
+                stages[i] = st.model_copy(update={"core_s": core_s})
+                break
+        return self.model_copy(update={"stages": stages})
 
 
 def load_workloads(*paths: str | Path, builtin: bool = True) -> dict[str, Workload]:

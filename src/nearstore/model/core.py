@@ -10,6 +10,11 @@ argmin is the bottleneck. Memory is a constraint, not a rate: a stage may need
 bytes resident on a resource (parameters, optimizer state, activations), and a
 design where they do not fit is infeasible, with the reason.
 
+Power is weighted by utilization: a resource draws ``idle_watts`` when idle
+and ``watts`` when fully busy, linearly in between (``idle_watts=None``: a
+constant draw, e.g. a chassis). Resources may carry a ``group`` (e.g.
+"storage", "compute") so power and cost can be reported per group.
+
 The same functions serve the runtime planner (rates measured on a cluster)
 and the designer (rates from a hardware catalog). ``evaluate_grid`` is the
 vectorized form for sweeps over many design points.
@@ -39,8 +44,13 @@ class Resource:
     cost: float = 0.0
     rack_units: float = 0.0
     memory_bytes: float | None = None
+    idle_watts: float | None = None  # None: draws ``watts`` whatever its utilization
+    group: str = ""
 
     def __post_init__(self) -> None:
+        if self.idle_watts is not None and not 0 <= self.idle_watts <= self.watts:
+            raise ConfigError(f"resource {self.name}: idle_watts must be in 0..watts ({self.watts}), "
+                              f"got {self.idle_watts}")
         if not self.name:
             raise ConfigError("a resource needs a name")
         if self.rate <= 0:
@@ -51,6 +61,11 @@ class Resource:
     @property
     def capacity(self) -> float:
         return self.rate * self.count
+
+    def power(self, utilization: float) -> float:
+        """Watts of all ``count`` instances at ``utilization`` (0..1)."""
+        idle = self.watts if self.idle_watts is None else self.idle_watts
+        return self.count * (idle + (self.watts - idle) * min(max(utilization, 0.0), 1.0))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +94,9 @@ class Evaluation:
     rack_units: float
     feasible: bool
     reasons: list[str]
+    peak_watts: float = 0.0  # every resource at full power
+    watts_by_group: dict[str, float] = field(default_factory=dict)
+    cost_by_group: dict[str, float] = field(default_factory=dict)
 
     def seconds_for(self, samples: float) -> float:
         return samples / self.samples_per_s if self.samples_per_s > 0 else float("inf")
@@ -116,11 +134,17 @@ def evaluate(resources: Sequence[Resource], stages: Sequence[Stage]) -> Evaluati
                 have = "no memory" if mem is None else f"{mem / 1e9:.1f} GB"
                 reasons.append(f"stage {st.name} needs {need / 1e9:.2f} GB resident on {r}, which has {have}")
     throughput = 0.0 if reasons or bottleneck is None else best
-    watts = sum(r.watts * r.count for r in resources)
+    util = {n: (throughput * l / by_name[n].capacity) for n, l in load.items()}
+    watts_by: dict[str, float] = {}
+    cost_by: dict[str, float] = {}
+    for r in resources:
+        watts_by[r.group] = watts_by.get(r.group, 0.0) + r.power(util[r.name])
+        cost_by[r.group] = cost_by.get(r.group, 0.0) + r.cost * r.count
+    watts = sum(watts_by.values())
     return Evaluation(
         samples_per_s=throughput,
         bottleneck=bottleneck,
-        utilization={n: (throughput * l / by_name[n].capacity) for n, l in load.items()},
+        utilization=util,
         load_per_sample=load,
         watts=watts,
         joules_per_sample=watts / throughput if throughput > 0 else float("inf"),
@@ -128,6 +152,9 @@ def evaluate(resources: Sequence[Resource], stages: Sequence[Stage]) -> Evaluati
         rack_units=sum(r.rack_units * r.count for r in resources),
         feasible=not reasons,
         reasons=reasons,
+        peak_watts=sum(r.watts * r.count for r in resources),
+        watts_by_group=watts_by,
+        cost_by_group=cost_by,
     )
 
 
