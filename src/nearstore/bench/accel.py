@@ -34,12 +34,16 @@ def step_time_for(accel: str, model: str, batch_size: int) -> float:
     """
     from nearstore.design.catalog import load_catalog
 
-    table = {name.removesuffix("-mlperf"): em for name, em in load_catalog().emulated_accelerator.items()}
-    em = table.get(accel.lower())
+    # "<accel>-mlperf[-<model>]" entries, each for one workload "<model>-train"
+    table = {(name.split("-mlperf")[0], em.workload.split("-")[0]): em
+             for name, em in load_catalog().emulated_accelerator.items()}
+    accels = sorted({a for a, _ in table})
+    if accel.lower() not in accels:
+        raise ConfigError(f"unknown accelerator {accel!r}; known: {', '.join(accels)}")
+    em = table.get((accel.lower(), model.lower()))
     if em is None:
-        raise ConfigError(f"unknown accelerator {accel!r}; known: {', '.join(sorted(table))}")
-    if em.workload.split("-")[0] != model.lower():
-        raise ConfigError(f"no emulation figure for model {model!r} on {accel}; known: {em.workload.split('-')[0]}")
+        models = sorted(m for a, m in table if a == accel.lower())
+        raise ConfigError(f"no emulation figure for model {model!r} on {accel}; known: {', '.join(models)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
     return em.step_s * batch_size / em.batch
