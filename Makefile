@@ -11,7 +11,7 @@ $(VENV)/.base: pyproject.toml src/nearstore/ops/_c/jpeg_region.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install setuptools==80.9.0 wheel
 	$(PIP) install torch==2.13.0
-	$(PIP) install --no-build-isolation -e '.[test]'
+	$(PIP) install --no-build-isolation -e '.[test,ray]'
 	touch $@
 
 # DALI (CPU pipelines) is only a benchmark baseline: best effort, the benchmark notes its absence.

@@ -156,8 +156,14 @@ def up(
                                                  "(default: --tls-cert, for a self-signed certificate)"),
     metrics_port: Optional[int] = typer.Option(None, help="Prometheus endpoint of node n on this port + n "
                                                "(0: any free port; the URLs go into the cluster file)"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="start the nodes as actors on the Ray cluster at this "
+                                      "address, each on the host declaring its node directory "
+                                      "(docs/multihost.md); needs the ray extra"),
+    ray_namespace: str = typer.Option("nearstore", help="with --ray: Ray namespace of the node actors"),
+    max_restarts: int = typer.Option(-1, help="with --ray: times Ray restarts a dead node actor (-1: no limit)"),
 ) -> None:
-    """Start a local cluster (one node process per node directory) and write STORE/cluster.json."""
+    """Start a cluster (one node per node directory: local processes, or Ray actors with --ray) and write
+    STORE/cluster.json."""
     from nearstore.node.cluster import CLUSTER_FILE, NodeOptions, read_token_file, start_cluster
 
     if (store / CLUSTER_FILE).exists():
@@ -166,15 +172,22 @@ def up(
     opts = NodeOptions.of(link_mbps=link_mbps, workers_per_node=workers_per_node, worker_kind=worker_kind,
                           token=secret, host=host, tls_cert=_opt_str(tls_cert), tls_key=_opt_str(tls_key),
                           metrics_port=metrics_port)
-    spec, procs = start_cluster(store, opts, nodes=nodes, tls_root_cert=_opt_str(tls_root_cert), detach=True)
-    for p in procs:
-        if p.stdout:
-            p.stdout.close()
+    if ray is not None:
+        from nearstore.node.ray import start_ray_cluster
+
+        spec = start_ray_cluster(store, ray, opts, nodes=nodes, namespace=ray_namespace, max_restarts=max_restarts,
+                                 tls_root_cert=_opt_str(tls_root_cert))
+    else:
+        spec, procs = start_cluster(store, opts, nodes=nodes, tls_root_cert=_opt_str(tls_root_cert), detach=True)
+        for p in procs:
+            if p.stdout:
+                p.stdout.close()
     if token_file:
         spec = spec.model_copy(update={"token": None, "token_file": str(token_file.resolve())})
     spec.save(store / CLUSTER_FILE)
     for ep in spec.nodes:
-        console.print(f"node {ep.node}: {ep.uri} (pid {ep.pid})" + (f", metrics {ep.metrics}" if ep.metrics else ""))
+        console.print(f"node {ep.node}: {ep.uri} (pid {ep.pid})" + (f", metrics {ep.metrics}" if ep.metrics else "")
+                      + (f", Ray actor {ep.actor}" if ep.actor else ""))
     console.print(f"cluster file: {store / CLUSTER_FILE}; stop with `nearstore down {store}`")
 
 
@@ -184,9 +197,17 @@ def _opt_str(p: Optional[Path]) -> Optional[str]:
 
 @app.command()
 def down(store: Path = typer.Argument(...)) -> None:
-    """Stop the local cluster recorded in STORE/cluster.json."""
-    from nearstore.node.cluster import stop_cluster
+    """Stop the cluster recorded in STORE/cluster.json (local processes, or Ray actors)."""
+    from nearstore.node.cluster import CLUSTER_FILE, ClusterSpec, stop_cluster
 
+    spec = ClusterSpec.load(store)
+    if spec.ray_address:
+        from nearstore.node.ray import stop_ray_cluster
+
+        names = stop_ray_cluster(spec)
+        (store / CLUSTER_FILE).unlink(missing_ok=True)
+        console.print(f"stopped {len(names)} node actors on Ray at {spec.ray_address}")
+        return
     pids = stop_cluster(store)
     console.print(f"stopped {len(pids)} node processes")
 

@@ -11,7 +11,9 @@ dropped, so every sample is delivered exactly once, and the determinism
 contract makes the replica's output bit-identical. A sample whose copy fails
 its checksum on a node (or on the wire) is asked of another replica. A down
 node is probed again every ``retry_after`` seconds and used again once it
-answers ``health``.
+answers ``health``. Nodes that can move (Ray actors, restarted on a new port)
+come with a resolver: while such a node is down, a background thread asks it
+for its current endpoint, and the next probe uses that.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import pyarrow.flight as flight
 from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError
 from nearstore.core.memory import retain_freed_memory
 from nearstore.loader.sources import Fetched
-from nearstore.node.cluster import ClusterSpec
+from nearstore.node.cluster import ClusterSpec, NodeEndpoint
 from nearstore.node.protocol import Row, Ticket, decode_rows, wire_bytes
+from nearstore.node.ray import RayResolver
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 from nearstore.store.manifest import Manifest
 
@@ -138,8 +141,14 @@ class ClusterSource:
     """
 
     def __init__(self, cluster: ClusterSpec, pipeline: Pipeline, split: int | str, *, streams_per_node: int = 4,
-                 timeout: float = 120.0, retry_after: float = 1.0) -> None:
+                 timeout: float = 120.0, retry_after: float = 1.0,
+                 resolve: Callable[[int], NodeEndpoint | None] | None = None) -> None:
         self.cluster = cluster
+        self._uris = {ep.node: ep.uri for ep in cluster.nodes}  # where each node answers now
+        # a node that can move (a Ray actor restarted on another port) is asked where it went
+        self._resolve = resolve if resolve is not None else RayResolver(cluster) if cluster.ray_address else None
+        self._watching: set[int] = set()
+        self._closed = threading.Event()
         retain_freed_memory()  # every message is a fresh multi-MB receive buffer: keep those pages mapped
         self.prefix = pipeline.resolve_split(split)
         self._ops = pipeline.to_json()[: self.prefix]
@@ -166,8 +175,7 @@ class ClusterSource:
         self.refetched = 0
 
     def _client(self, node: int, timeout: float | None = None) -> NodeClient:
-        ep = next(e for e in self.cluster.nodes if e.node == node)
-        return NodeClient(ep.uri, node=node, token=self.cluster.token, timeout=timeout or self._timeout,
+        return NodeClient(self._uris[node], node=node, token=self.cluster.token, timeout=timeout or self._timeout,
                           tls_root_certs=self._root_certs)
 
     def _first_manifest(self) -> Manifest:
@@ -284,8 +292,32 @@ class ClusterSource:
             if node not in self._down:
                 self._down[node] = (time.monotonic(), str(exc))
                 log.warning("node %d is down, asking replicas for its %d samples: %s", node, samples, exc)
+                if self._resolve is not None and node not in self._watching:
+                    self._watching.add(node)
+                    threading.Thread(target=self._follow, args=(node,), daemon=True,
+                                     name=f"nearstore-resolve-{node}").start()
             self.failovers.append({"node": node, "error": str(exc), "at": time.time(), "samples": samples,
                                    "detected_s": time.monotonic() - t0, "_t0": t0})
+
+    def _follow(self, node: int) -> None:
+        """While ``node`` is down, ask where it serves now; a new endpoint is used from the next probe on."""
+        assert self._resolve is not None
+        try:
+            while not self._closed.is_set():
+                with self._lock:
+                    if node not in self._down:
+                        return
+                    old = self._uris[node]
+                ep = self._resolve(node)
+                if ep is not None and ep.uri != old:
+                    with self._lock:
+                        self._uris[node] = ep.uri
+                    log.info("node %d moved: %s -> %s", node, old, ep.uri)
+                    return
+                self._closed.wait(self.retry_after)
+        finally:
+            with self._lock:
+                self._watching.discard(node)
 
     def _close_failovers(self, t0: float) -> None:
         with self._lock:
@@ -323,6 +355,7 @@ class ClusterSource:
                     "rejoined": list(self.rejoined), "down": {n: why for n, (_, why) in self._down.items()}}
 
     def close(self) -> None:
+        self._closed.set()
         self._io.shutdown(wait=True, cancel_futures=True)
         for c in self.clients.values():
             c.close()

@@ -42,6 +42,7 @@ class NodeEndpoint(BaseModel):
     uri: str
     pid: int | None = None
     metrics: str | None = None  # the node's Prometheus endpoint (http://host:port/metrics), when it has one
+    actor: str | None = None  # the Ray actor serving it (nodes started with `up --ray`)
 
 
 class ClusterSpec(BaseModel):
@@ -55,6 +56,8 @@ class ClusterSpec(BaseModel):
     tls_root_cert: str | None = None  # PEM file the nodes' certificates chain to (grpc+tls:// endpoints)
     link_mbps: float | None = None
     workers_per_node: int = 2
+    ray_address: str | None = None  # nodes are Ray actors of this cluster (nearstore.node.ray) ...
+    ray_namespace: str | None = None  # ... named in this namespace; loaders ask them for moved endpoints
 
     @classmethod
     def load(cls, path: str | Path) -> "ClusterSpec":
