@@ -33,6 +33,7 @@ bench: $(VENV)/.dali
 	$(PY) bench/reliability.py --json bench/results/reliability.json
 	$(PY) bench/plan.py --json bench/results/plan.json
 	$(PY) bench/engines.py --json bench/results/engines.json
+	$(PY) bench/multihost.py --json bench/results/multihost.json
 
 bench-quick: $(VENV)/.base
 	$(PY) bench/run.py --quick --json bench/results/quick.json
@@ -41,6 +42,7 @@ bench-quick: $(VENV)/.base
 	$(PY) bench/reliability.py --quick --json bench/results/reliability-quick.json
 	$(PY) bench/plan.py --quick --json bench/results/plan-quick.json
 	$(PY) bench/engines.py --quick --json bench/results/engines-quick.json
+	$(PY) bench/multihost.py --quick --json bench/results/multihost-quick.json
 
 clean:
 	rm -rf $(VENV) demo-out build src/*.egg-info src/nearstore/ops/*.so

@@ -18,8 +18,9 @@ from nearstore.node.cluster import ClusterSpec
 from nearstore.node.ray import PlacementError, RayCluster, RayExtraMissingError, resource_name, start_ray_cluster
 from nearstore.store import ingest
 
+from nearstore.bench.localray import LocalRay
+
 ray = pytest.importorskip("ray")  # the [ray] extra; `make test` installs it
-from ray_fixture import LocalRay  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 PIPE = standard_train(64)

@@ -1,5 +1,6 @@
-"""A multi-node Ray cluster on this one machine: each Ray node stands for a storage host and declares the node
-directories it holds (``nearstore-node-000``...), as `ray start` does on a real host (docs/multihost.md)."""
+"""A multi-node Ray cluster on this one machine, for tests and benchmarks: each Ray node stands for a storage host
+and declares the node directories it holds (``nearstore-node-000``...), as `ray start` does on a real host
+(docs/multihost.md). ``stop`` ends exactly the processes this cluster started (found by its temp dir)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def _ray_start(*args: str, temp_dir: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+
+
+__all__ = ["LocalRay"]
 
 
 class LocalRay:
