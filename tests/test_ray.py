@@ -13,7 +13,7 @@ import time
 import pytest
 
 from nearstore import Loader, standard_train
-from nearstore.node.client import NodeClient
+from nearstore.node.client import NodeClient, NodeRequestError
 from nearstore.node.cluster import ClusterSpec
 from nearstore.node.ray import PlacementError, RayCluster, RayExtraMissingError, resource_name, start_ray_cluster
 from nearstore.store import ingest
@@ -47,7 +47,9 @@ def digest(batches) -> str:
 def test_actors_on_their_hosts_survive_a_kill_mid_epoch(store, local_ray):
     with Loader(store, pipeline=PIPE, batch_size=4, seed=2) as local:
         want = [digest(local), digest(local)]
-    with RayCluster(store, local_ray.address, workers_per_node=1, slowdown=4.0) as rc:
+    with RayCluster(store, local_ray.address, workers_per_node=1, slowdown=4.0, token="s3cret") as rc:
+        with pytest.raises(NodeRequestError, match="token"):  # Flight as before: the token is required
+            NodeClient(rc.spec.nodes[0].uri, node=0).health()
         # hard placement: each actor runs on the Ray node declaring its directory
         hosts = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
         for n in range(2):
@@ -64,7 +66,7 @@ def test_actors_on_their_hosts_survive_a_kill_mid_epoch(store, local_ray):
             assert digest(got) == want[0]  # replicas served node 0's samples: same bits
             assert ld.source.stats()["failovers"]
             info = rc.actor_info(0)
-            NodeClient(info["uri"], node=0, timeout=10).health()  # serving at its new endpoint
+            NodeClient(info["uri"], node=0, timeout=10, token="s3cret").health()  # serving at its new endpoint
             back = time.monotonic() - killed
             assert info["pid"] != victim and info["uri"] != old_uri and back < 10, back
             before = ld.source.node_counters()[0][1]

@@ -3,6 +3,8 @@
 Each refresh asks every node for its ``stats`` and ``health`` (the same
 counters its Prometheus endpoint exports) and shows the rates since the last
 refresh. ``rows`` is a pure function of two polls, tested on recorded ones.
+Nodes on Ray that stop answering are looked up again through their actor
+(``RayResolver``): a restarted node reappears at its new endpoint.
 """
 
 from __future__ import annotations
@@ -17,19 +19,27 @@ from rich.table import Table
 from nearstore.core.errors import NearstoreError
 from nearstore.node.client import NodeClient
 from nearstore.node.cluster import ClusterSpec
+from nearstore.node.ray import RayResolver
 
 __all__ = ["poll", "rows", "render", "run_top"]
 
 COLUMNS = ("node", "state", "samples/s", "MB/s", "link", "CPU", "in flight", "errors", "worker restarts")
 
 
-def poll(spec: ClusterSpec, clients: dict[int, NodeClient], pool: ThreadPoolExecutor) -> dict[int, dict | None]:
-    """node -> {stats, health, t} or None when it does not answer."""
+def poll(spec: ClusterSpec, clients: dict[int, NodeClient], pool: ThreadPoolExecutor,
+         resolve: RayResolver | None = None) -> dict[int, dict | None]:
+    """node -> {stats, health, t} or None when it does not answer (a Ray node is then asked where it went)."""
 
     def one(node: int) -> dict | None:
         try:
             return {"stats": clients[node].stats(), "health": clients[node].health(), "t": time.monotonic()}
         except NearstoreError:
+            ep = resolve(node) if resolve is not None else None
+            if ep is not None and ep.uri != clients[node].uri:
+                old = clients[node]
+                clients[node] = NodeClient(ep.uri, node=node, token=spec.token, timeout=old.timeout,
+                                           tls_root_certs=spec.root_certs())
+                old.close()
             return None
 
     nodes = [ep.node for ep in spec.nodes]
@@ -87,12 +97,13 @@ def run_top(spec: ClusterSpec, *, interval: float = 1.0, console: Console, itera
     title = f"nearstore top: {spec.dataset}, {len(spec.nodes)} nodes (Ctrl-C to quit)"
     try:
         with ThreadPoolExecutor(max(1, len(clients)), thread_name_prefix="nearstore-top") as pool:
-            prev = poll(spec, clients, pool)
+            resolve = RayResolver(spec) if spec.ray_address else None
+            prev = poll(spec, clients, pool, resolve)
             with Live(render(rows({}, prev), title), console=console, auto_refresh=False) as live:
                 done = 0
                 while iterations is None or done < iterations:
                     time.sleep(interval)
-                    cur = poll(spec, clients, pool)
+                    cur = poll(spec, clients, pool, resolve)
                     live.update(render(rows(prev, cur), title), refresh=True)
                     prev, done = cur, done + 1
     finally:

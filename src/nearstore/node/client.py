@@ -75,7 +75,7 @@ class NodeClient:
 
     def __init__(self, uri: str, *, node: int | None = None, token: str | None = None, timeout: float = 60.0,
                  hint: str = "", tls_root_certs: bytes | None = None) -> None:
-        self.uri, self.node = uri, node
+        self.uri, self.node, self.timeout = uri, node, timeout
         self._client = flight.FlightClient(uri, tls_root_certs=tls_root_certs) if tls_root_certs else \
             flight.FlightClient(uri)
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
