@@ -11,13 +11,25 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from nearstore.core.errors import ConfigError
 
-__all__ = ["MetricsServer"]
+__all__ = ["MetricsServer", "family"]
 
 log = logging.getLogger(__name__)
+
+
+def family(table: dict[str, tuple[str, str]], name: str, labels: list[str], values: list[str] | None = None,
+           value: float | None = None) -> Metric:
+    """The metric family ``name`` as ``table`` declares it ((``"counter"`` or ``"gauge"``, help)); with
+    ``value``, one sample labelled ``values``."""
+    kind, doc = table[name]
+    m = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=labels)
+    if value is not None:
+        m.add_metric(values or [], value)
+    return m
 
 
 class MetricsServer:

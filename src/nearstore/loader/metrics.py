@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
-from nearstore.core.metrics import MetricsServer
+from nearstore.core.metrics import MetricsServer, family
 from nearstore.loader.loader import Loader
 
 __all__ = ["LoaderCollector", "serve_metrics", "LOADER_METRICS"]
@@ -53,12 +53,7 @@ class LoaderCollector:
         per_node = getattr(src, "node_counters", None)  # a cluster source; a local one reads from disk
 
         def fam(name: str, value: float | None = None, node: bool = False) -> Metric:
-            kind, doc = LOADER_METRICS[name]
-            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            m = cls(name, doc, labels=["rank", "node"] if node else ["rank"])
-            if value is not None:
-                m.add_metric([rank], value)
-            return m
+            return family(LOADER_METRICS, name, ["rank", "node"] if node else ["rank"], [rank], value)
 
         yield fam("nearstore_loader_batches", st["batches"])
         yield fam("nearstore_loader_samples", st["samples"])

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
+
+from nearstore.core.metrics import family
 
 if TYPE_CHECKING:  # the server builds the collector; no import at run time (server imports this module)
     from nearstore.node.server import NodeServer
@@ -49,12 +51,7 @@ class NodeCollector:
         node = str(srv.node_id)
 
         def fam(name: str, value: float | None = None, **labels: str) -> Metric:
-            kind, doc = NODE_METRICS[name]
-            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            m = cls(name, doc, labels=["node", *labels])
-            if value is not None:
-                m.add_metric([node], value)
-            return m
+            return family(NODE_METRICS, name, ["node", *labels], [node], value)
 
         yield fam("nearstore_node_requests", s["requests"])
         yield fam("nearstore_node_requests_in_flight", s["in_flight"])
