@@ -7,8 +7,9 @@ fp16 rate cannot train); ``stages_for`` turns a placement into model stages
 (per-sample demands, resident memory). A placement is the split ``k``, the
 ``share`` of samples whose stage ``k`` (a cpu stage both sides can run) also
 runs storage-side, whether the compute side decodes JPEGs on its GPUs
-(``gpu_decode``: the share of images on the hardware decoder, the rest on
-CUDA cores, as DALI's ``hw_decoder_load``) and the share of samples served
+(``gpu_share``: the share of the compute side's images DALI decodes on
+the GPUs, the rest on the host CPUs; ``gpu_decode``: the share of those on
+the hardware decoder, the rest on CUDA cores, as DALI's ``hw_decoder_load``) and the share of samples served
 from the compute servers' page cache (``cached``). ``assess`` evaluates
 every placement for the first epoch (nothing cached) and for later epochs
 (what fits in the page cache is), and keeps the best feasible one of each.
@@ -35,7 +36,8 @@ __all__ = ["splits", "stages_for", "Placement", "Economics", "Assessment", "asse
            "boxes_for", "pareto", "verdict", "emulated_demand", "resolve_accelerator", "link_bytes", "split_problems"]
 
 SHARES = tuple(round(0.05 * i, 2) for i in range(1, 20))
-HW_DECODER_LOADS = (1.0, 0.75, 0.5, 0.0)  # DALI's hw_decoder_load choices searched
+HW_DECODER_LOADS = (1.0, 0.5, 0.0)  # DALI's hw_decoder_load choices searched
+GPU_SHARES = (1.0, 0.75, 0.5, 0.25)  # shares of the compute side's JPEGs DALI decodes on the GPUs (rest: host CPUs)
 
 
 def _runs(side: Side, ws: WorkloadStage) -> str | None:
@@ -118,7 +120,7 @@ def _model_stage(ws: WorkloadStage, dev: Device, frac: float, in_bytes: float, d
 
 
 def stages_for(system: System, workload: Workload, k: int, share: float = 0.0, *, gpu_decode: float | None = None,
-               cached: float = 0.0) -> list[Stage]:
+               gpu_share: float = 1.0, cached: float = 0.0) -> list[Stage]:
     """Model stages for a placement (see the module docstring); one Stage per workload stage, plus read/transfer."""
     bad = split_problems(system, workload)
     if k in bad:
@@ -152,10 +154,12 @@ def stages_for(system: System, workload: Workload, k: int, share: float = 0.0, *
             if compute_frac:
                 if gpu_decode is not None and ws.gpu is not None and cp.gpu_decode and cp.accel is not None:
                     h = gpu_decode if cp.accel.jpeg else 0.0
-                    _add(demands, cp.accel.jpeg, compute_frac * h)
-                    _add(demands, cp.accel.resource, compute_frac * (ws.gpu.aug_gmacs + (1 - h) * ws.gpu.cuda_decode_gmacs)
+                    g = compute_frac * gpu_share  # decoded on the GPUs; the rest on the host CPUs
+                    _add(demands, cp.accel.jpeg, g * h)
+                    _add(demands, cp.accel.resource, g * (ws.gpu.aug_gmacs + (1 - h) * ws.gpu.cuda_decode_gmacs)
                          * 1e9 / cp.accel.train_macs_per_s)
-                    _add(demands, cp.cpu, compute_frac * (ws.gpu.host_core_s + (1 - h) * ws.gpu.huffman_core_s))
+                    _add(demands, cp.cpu, g * (ws.gpu.host_core_s + (1 - h) * ws.gpu.huffman_core_s)
+                         + (compute_frac - g) * ws.core_s)
                 else:
                     _add(demands, cp.cpu, compute_frac * ws.core_s)
         else:
@@ -180,6 +184,7 @@ class Placement:
     split: int
     share: float = 0.0
     gpu_decode: float | None = None  # None: the compute side preprocesses on CPUs; else the hw decoder's share
+    gpu_share: float = 1.0  # with gpu_decode: the share of the compute side's images decoded on the GPUs
 
     def label(self, workload: Workload) -> list[str]:
         side = ["read", *(s.name for s in workload.stages[:self.split])]
@@ -190,15 +195,19 @@ class Placement:
     def compute_preprocess(self) -> str:
         if self.gpu_decode is None:
             return "host CPUs"
-        return f"GPUs (DALI; hardware decoder {self.gpu_decode:.0%})" if self.gpu_decode else "GPUs (DALI, CUDA decode)"
+        how = f"hardware decoder {self.gpu_decode:.0%}" if self.gpu_decode else "CUDA decode"
+        if self.gpu_share < 1:
+            return f"host CPUs {1 - self.gpu_share:.0%} + GPUs {self.gpu_share:.0%} (DALI; {how})"
+        return f"GPUs (DALI; {how})"
 
 
 def placements(system: System, workload: Workload) -> list[Placement]:
-    gpu_modes: list[float | None] = [None]
+    modes: list[tuple[float | None, float]] = [(None, 1.0)]
     if system.compute.gpu_decode and system.compute.accel is not None and any(s.gpu for s in workload.stages):
-        gpu_modes += list(HW_DECODER_LOADS if system.compute.accel.jpeg else (0.0,))
-    out = [Placement(k, 0.0, g) for k in splits(system, workload) for g in gpu_modes]
-    out += [Placement(k, f, g) for k in shared_splits(system, workload) for f in SHARES for g in gpu_modes]
+        loads = HW_DECODER_LOADS if system.compute.accel.jpeg else (0.0,)
+        modes += [(h, g) for h in loads for g in GPU_SHARES]
+    out = [Placement(k, 0.0, h, g) for k in splits(system, workload) for h, g in modes]
+    out += [Placement(k, f, h, g) for k in shared_splits(system, workload) for f in SHARES for h, g in modes]
     return out
 
 
@@ -291,13 +300,14 @@ def assess(system: System, workload: Workload, econ: Economics | None = None) ->
     options = placements(system, workload)
     if not options:
         raise ConfigError(f"{system.name} has nowhere to run {workload.name}'s stages: {split_problems(system, workload)}")
-    first = [(p, evaluate(system.resources, stages_for(system, workload, p.split, p.share, gpu_decode=p.gpu_decode)))
+    first = [(p, evaluate(system.resources, stages_for(system, workload, p.split, p.share, gpu_decode=p.gpu_decode,
+                                                           gpu_share=p.gpu_share)))
              for p in options]
     hit = min(1.0, system.cache_bytes_per_server / workload.dataset_bytes) if workload.dataset_bytes else 1.0
     p1, ev1 = _best(first, workload)
     if hit > 0 and workload.epochs > 1:
         later = [(p, evaluate(system.resources, stages_for(system, workload, p.split, p.share, gpu_decode=p.gpu_decode,
-                                                             cached=hit))) for p in options]
+                                                             gpu_share=p.gpu_share, cached=hit))) for p in options]
         p2, ev2 = _best(later, workload)
         p0, ev0 = _best(first, workload)  # reading from storage anyway can beat the cache (storage-side preprocessing)
         if ev0.feasible and ev0.samples_per_s > ev2.samples_per_s * 1.001:
