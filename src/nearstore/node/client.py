@@ -100,6 +100,13 @@ class NodeClient:
             raise self._fail(exc) from None
         return json.loads(results[0].body.to_pybytes())
 
+    def action_raw(self, name: str, body: bytes) -> list[bytes]:
+        """Every result of action ``name`` as bytes (for actions that answer JSON and then data)."""
+        try:
+            return [r.body.to_pybytes() for r in self._client.do_action(flight.Action(name, body), self._opts)]
+        except (flight.FlightError, OSError) as exc:
+            raise self._fail(exc) from None
+
     def health(self) -> dict:
         return self.action("health")
 

@@ -31,6 +31,7 @@ import pyarrow.flight as flight
 from nearstore.core.errors import ConfigError, NearstoreError
 from nearstore.core.memory import MALLOC_ENV, retain_freed_memory
 from nearstore.core.metrics import MetricsServer
+from nearstore.node import derive
 from nearstore.node.cluster import read_token_file, token_from_env
 from nearstore.node.metrics import NodeCollector
 from nearstore.node.protocol import parse_ticket, wire_bytes
@@ -254,11 +255,14 @@ class NodeServer(flight.FlightServerBase):
         return [("health", "liveness and what this node holds"), ("stats", "counters since start"),
                 ("manifest", "the store's manifest"),
                 ("profile", "run an op chain on n samples: per-stage seconds and output bytes"),
-                ("shutdown", "stop the server (only with --allow-shutdown)")]
+                ("shutdown", "stop the server (only with --allow-shutdown)"), *derive.ACTIONS.items()]
 
     def do_action(self, context, action):  # noqa: ANN001, ANN201
         kind = action.type
         body = action.body.to_pybytes() if action.body is not None else b""
+        if kind in derive.ACTIONS:  # jobs and queries (node/derive.py)
+            yield from self._derived(kind, body)
+            return
         if kind == "health":
             man = self.store.manifest
             held = [s.name for i, s in enumerate(man.shards) if self.store.holds(i)]
@@ -279,8 +283,22 @@ class NodeServer(flight.FlightServerBase):
             threading.Thread(target=self.shutdown, daemon=True).start()
             result = {"ok": True}
         else:
-            raise self._bad(f"unknown action {kind!r}; actions: health, stats, manifest, profile, shutdown")
+            raise self._bad(f"unknown action {kind!r}; actions: {', '.join(n for n, _ in self.list_actions(None))}")
         yield flight.Result(json.dumps(result).encode())
+
+    def _derived(self, kind: str, body: bytes) -> Iterator[flight.Result]:
+        try:
+            results = derive.handle(self, kind, body)
+        except WorkerCrashedError as exc:
+            self._count_error("worker_crash")
+            raise flight.FlightUnavailableError(f"node {self.node_id}: {exc}") from None
+        except derive.NodeCopyError as exc:
+            self._count_error("checksum")
+            raise flight.FlightServerError(f"node {self.node_id}: {exc}") from None
+        except (NearstoreError, ValueError) as exc:
+            raise self._bad(f"{kind}: {exc}") from None
+        for r in results:
+            yield flight.Result(r)
 
     def _profile(self, body: bytes) -> dict:
         try:
