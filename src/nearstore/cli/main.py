@@ -469,6 +469,53 @@ def design(
     write_json(json_path, res)
 
 
+@app.command("infer")
+def infer_cmd(
+    cluster: Path = typer.Option(..., "--cluster", help="store directory of a running cluster (`nearstore up`)"),
+    out: str = typer.Option(..., "--out", help="name of the derived dataset to write"),
+    model: str = typer.Option("resnet50", "--model", help="architecture: resnet18, resnet50, mobilenet_v2"),
+    cut: str = typer.Option("pooled", help="where the network stops: stem, layer1-4, pooled"),
+    dtype: str = typer.Option("fp16", help="output dtype: fp32, fp16, int8"),
+    engine: str = typer.Option("pytorch", help="pytorch, onnxruntime, onnxruntime-int8 or auto"),
+    weights: Optional[Path] = typer.Option(None, help="weights file (state dict or ONNX); default seeded init"),
+    seed: int = typer.Option(0, help="seed of the random weights when no file is given"),
+    size: int = typer.Option(224, help="crop size the network sees"),
+    batch_size: int = typer.Option(32, help="samples per batch on a node's worker"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing derived dataset (atomically)"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Run a network over every sample on the nodes that hold it; store the outputs there as a derived dataset."""
+    from nearstore.cli.jobs import run_infer
+
+    dtypes = {"fp32": "float32", "fp16": "float16", "int8": "int8", "float32": "float32", "float16": "float16"}
+    if dtype not in dtypes:
+        raise ConfigError(f"--dtype must be one of fp32, fp16, int8 (got {dtype!r})")
+    res = run_infer(cluster, console, out=out, arch=model, cut=cut, dtype=dtypes[dtype], engine=engine,
+                    weights=_opt_str(weights), seed=seed, size=size, batch_size=batch_size, overwrite=overwrite)
+    write_json(json_path, res)
+
+
+@app.command()
+def query(
+    cluster: Path = typer.Option(..., "--cluster", help="store directory of a running cluster"),
+    name: str = typer.Argument(..., help="derived dataset to query"),
+    where: Optional[str] = typer.Option(None, "--where", help="filter, e.g. \"class in {3, 7} and score > 0.9\" "
+                                        "(grammar: docs/jobs.md)"),
+    near: Optional[int] = typer.Option(None, "--near", help="top k nearest this sample's stored embedding"),
+    vector: Optional[Path] = typer.Option(None, "--vector", help="top k nearest this .npy vector"),
+    k: int = typer.Option(10, "--k", help="how many neighbours"),
+    metric: str = typer.Option("cosine", help="cosine, dot or l2"),
+    with_data: bool = typer.Option(False, "--with-data", help="filter rows also carry the samples' stored bytes"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Query a derived dataset on the nodes: a filter, or the exact top k nearest neighbours."""
+    from nearstore.cli.jobs import run_query
+
+    res = run_query(cluster, name, console, where=where, near=near, vector=vector, k=k, metric=metric,
+                    with_data=with_data)
+    write_json(json_path, res)
+
+
 def main() -> None:
     try:
         app()
