@@ -221,6 +221,39 @@ def _same_outputs(a: dict, b: dict) -> None:
         assert max_rel_error(b[s][1], a[s][1]) <= tol, s
 
 
+def test_loader_reads_stored_features_and_the_head_trains_on_them(jstore, job):
+    """Loader over the derived dataset: the network's outputs without running it; a head trains on them."""
+    from nearstore.jobs.infer import inference_pipeline
+    from nearstore.loader.derived import DerivedMismatchError, derived_loader
+    from nearstore.ops.network import network_ops
+    from nearstore.train.head import HeadTrainer
+
+    pre = inference_pipeline(NET["size"])
+    net = network_ops(NET["arch"], NET["cut"], dtype=NET["dtype"], engine="pytorch")
+    rows = _all_rows(jstore, "emb")
+    trainer = HeadTrainer(1280, 4, lr=1e-2, seed=0)
+    with derived_loader(jstore, "emb", [*pre, *net], batch_size=8, shuffle=False, workers=1) as ld:
+        seen = []
+        for _ in range(12):  # epochs: the features come from the stored files, nothing is recomputed
+            for b in ld:
+                assert b.data.dtype == np.float16 and b.data.shape[1:] == (1280,)
+                for sid, x in zip(b.ids.tolist(), b.data):
+                    assert np.array_equal(x, rows[sid][1])
+                seen.extend(b.ids.tolist())
+                trainer(b)
+        assert ld.source.bytes_read == job.manifest.file_bytes  # each file read once, nothing recomputed
+    assert sorted(seen[: len(rows)]) == sorted(rows)
+    first, last = trainer.loss_fell(window=6)
+    assert np.isfinite(first) and last < first
+    with pytest.raises(DerivedMismatchError, match="dtype: stored 'float16', requested 'float32'"):
+        derived_loader(jstore, "emb", [*pre, *network_ops(NET["arch"], NET["cut"], dtype="float32",
+                                                        engine="pytorch")])
+    with pytest.raises(DerivedMismatchError, match="cut: stored 'pooled', requested 'layer4'.*weights: stored "
+                                                   "'seed-0', requested 'seed-1'"):
+        derived_loader(jstore, "emb", [*pre, *network_ops(NET["arch"], "layer4", dtype="float16", engine="pytorch",
+                                                        seed=1)])
+
+
 # -- reliability: real processes killed ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ref_rows(jstore, job):

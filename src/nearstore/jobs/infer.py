@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from nearstore.core.errors import ConfigError, NearstoreError
 from nearstore.nets import ARCHS, CUTS, DTYPES, ENGINES, describe
-from nearstore.nets.models import weights_digest
+from nearstore.loader.derived import pipeline_fingerprint
 from nearstore.node.client import NodeClient, NodeRequestError, NodeUnavailableError
 from nearstore.node.cluster import ClusterSpec
 from nearstore.node.derive import frame
@@ -34,7 +34,7 @@ from nearstore.store.derived import (DerivedExistsError, DerivedManifest, Derive
                                      check_name, commit_derived, load_derived, manifest_path)
 from nearstore.store.manifest import Manifest
 
-__all__ = ["JobProgress", "JobResult", "JobError", "infer", "inference_pipeline", "fingerprint_of", "node_clients"]
+__all__ = ["JobProgress", "JobResult", "JobError", "infer", "inference_pipeline", "node_clients"]
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,6 @@ def inference_pipeline(size: int = 224) -> list[dict | str]:
     ``size``, center crop ``size`` x ``size``, 3xHxW uint8."""
     return ["decode_jpeg", {"op": "resize", "size": round(size * 8 / 7)}, {"op": "center_crop", "size": size},
             "to_uint8_chw"]
-
-
-def fingerprint_of(pre: list, net: dict) -> Fingerprint:
-    return Fingerprint(arch=net["arch"], cut=net["cut"], weights=weights_digest(net.get("weights"), net.get("seed", 0)),
-                       engine=net["engine"], dtype=net["dtype"], pipeline=Pipeline(pre).to_json())
 
 
 def node_clients(cluster: ClusterSpec, timeout: float) -> dict[int, NodeClient]:
@@ -158,7 +153,7 @@ def infer(store: str | Path, cluster: ClusterSpec, *, out: str, arch: str = "res
     net = network_ops(arch, cut, dtype=dtype, engine=engine, weights=weights, seed=seed, hw=(size, size))[0]
     ops = [*Pipeline(pre).to_json(), net]
     specs = Pipeline(ops).declare(input_spec_of(man))  # refuses a bad chain here, before any node is asked
-    fp = fingerprint_of(pre, net)
+    fp = pipeline_fingerprint(ops)
     existing = manifest_path(store, out).exists()
     if existing and not overwrite:
         raise DerivedExistsError(f"derived dataset {out!r} exists in {store}; pass overwrite=True (--overwrite) to "

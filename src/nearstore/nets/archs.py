@@ -17,12 +17,13 @@ resolution stage: 1/4, 1/8, 1/16, 1/32; MobileNetV2's layer4 ends with its
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
 from nearstore.core.errors import OpParamError
 
-__all__ = ["ARCHS", "CUTS", "Conv", "NetInfo", "describe", "layers", "check_arch_cut"]
+__all__ = ["ARCHS", "CUTS", "Conv", "NetInfo", "describe", "layers", "check_arch_cut", "weights_digest"]
 
 CUTS = ("stem", "layer1", "layer2", "layer3", "layer4", "pooled")
 
@@ -169,3 +170,14 @@ def describe(arch: str, cut: str, hw: tuple[int, int] = (224, 224)) -> NetInfo:
     resident = 4 * (3 * hw[0] * hw[1] + widest + biggest_in + math.prod(shape))
     return NetInfo(arch, cut, hw, shape, sum(c.macs for c in used), sum(c.params for c in used),
                    sum(c.buffers for c in used), resident, used)
+
+
+def weights_digest(weights: str | None, seed: int) -> str:
+    """What identifies the weights: the file's sha256, or the seed."""
+    if weights is None:
+        return f"seed-{seed}"
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256-" + h.hexdigest()[:16]

@@ -22,7 +22,6 @@ is ever downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from transformers.models.resnet.configuration_resnet import ResNetConfig
 from transformers.models.resnet.modeling_resnet import ResNetModel
 
 from nearstore.core.errors import OpParamError
-from nearstore.nets.archs import CUTS, check_arch_cut
+from nearstore.nets.archs import CUTS, check_arch_cut, weights_digest  # noqa: F401  (re-exported)
 
 __all__ = ["build", "backbone", "load_state", "state_of", "export_onnx", "weights_digest", "WeightsError", "CALIBRATION_SAMPLES", "CALIBRATION_HW"]
 
@@ -210,17 +209,6 @@ def export_onnx(module: Cut, path: str | Path) -> None:
     torch.onnx.export(Named().eval(), (torch.zeros(2, 3, 64, 64),), str(path), input_names=["x"], output_names=["y"],
                       dynamic_shapes={"x": {0: torch.export.Dim("n")}}, dynamo=True, optimize=False,
                       verbose=False, external_data=False)
-
-
-def weights_digest(weights: str | None, seed: int) -> str:
-    """What identifies the weights: the file's sha256, or the seed."""
-    if weights is None:
-        return f"seed-{seed}"
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256-" + h.hexdigest()[:16]
 
 
 def build(arch: str, cut: str, *, weights: str | None = None, seed: int = 0) -> Cut:

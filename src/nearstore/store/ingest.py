@@ -173,6 +173,8 @@ def _sweep(store: Path, manifest: Manifest) -> None:
         for f in d.iterdir():
             if f.name == MANIFEST_NAME and int(d.name[5:]) < manifest.nodes:
                 continue
+            if f.is_dir():  # derived datasets (store.derived): refused by their dataset fingerprint, not swept
+                continue
             if (d.name, f.name) not in keep:
                 f.unlink(missing_ok=True)
         if not any(d.iterdir()):
