@@ -16,6 +16,7 @@ from nearstore.bench.host import host_pipeline_bench, loader_overhead_bench
 from nearstore.bench.nodes import UINT8_SPLIT, classify
 from nearstore.bench.plots import plot_sweep
 from nearstore.cli.design import Request, design_table, render_design
+from nearstore.cli.jobs import jobs_demo
 from nearstore.design import load_catalog
 from nearstore.design.plots import plot_design
 from nearstore.loader.loader import Loader
@@ -81,10 +82,13 @@ def run_demo(workdir: Path, *, n: int, rounds: int, console: Console, progress: 
     nodes = node_demo(workdir, console=console, progress=progress)
     console.rule("6. the designer: which storage system to buy for ResNet-50 training on ImageNet")
     design = design_demo(workdir, console=console)
+    console.rule("7. inference on the nodes: embed a dataset where it lives, then query it there")
+    jobs = jobs_demo(workdir, console=console)
     elapsed = time.perf_counter() - t0
     console.print(f"demo finished in {elapsed:.0f} s; results in {workdir / 'demo.json'}")
     return {"synth": summary, "ingest": report.__dict__, "epoch": st.as_dict(), "host_pipeline": host,
-            "loader_overhead": overhead, "nodes": nodes, "design": design, "seconds": elapsed}
+            "loader_overhead": overhead, "nodes": nodes, "design": design, "jobs": jobs,
+            "seconds": elapsed}
 
 
 def node_demo(workdir: Path, *, console: Console, progress: Callable[[], Progress], n: int = 48,

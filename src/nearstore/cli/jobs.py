@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,12 @@ from rich.table import Table
 
 from nearstore.core.errors import ConfigError
 from nearstore.jobs import JobProgress, filter_samples, infer, nearest
-from nearstore.node.cluster import ClusterSpec
+from nearstore.node.cluster import ClusterSpec, LocalCluster
 from nearstore.store.derived import load_derived, local_node_dir, outputs_of, read_shard_file
+from nearstore.store.ingest import ingest
+from nearstore.store.synth import SynthSpec, synth_folder
 
-__all__ = ["run_infer", "run_query", "stored_embedding"]
+__all__ = ["run_infer", "run_query", "stored_embedding", "jobs_demo"]
 
 
 def _node_rates(p: JobProgress) -> str:
@@ -73,3 +76,28 @@ def run_query(store: Path, name: str, console: Console, *, where: str | None, ne
     console.print(f"{s['rows']} rows; bytes scanned on the nodes {s['bytes_scanned']:,}, returned over the link "
                   f"{s['bytes_returned']:,} ({s['bytes_returned'] / max(s['bytes_scanned'], 1):.2%})")
     return {**s, "samples": res.samples}
+
+
+def jobs_demo(workdir: Path, *, console: Console, n: int = 48) -> dict:
+    """Embed a small dataset on a 2-node cluster, then one filter and one top-k query: bytes scanned vs returned."""
+    src, store = workdir / "embed-images", workdir / "embed-store"
+    if src.exists():
+        shutil.rmtree(src)
+    synth_folder(src, SynthSpec(n=n, seed=2, classes=4), workers=1)
+    ingest(src, store, nodes=2, replicas=2, shard_size=1 << 20)
+    with LocalCluster(store, workers_per_node=1) as cluster:
+        with console.status("embedding on the nodes (MobileNetV2 pooled, fp16, 64x64 crops)"):
+            job = infer(store, cluster.spec, out="emb", arch="mobilenet_v2", cut="pooled", dtype="float16",
+                        size=64, batch_size=8, overwrite=True)
+        s = job.summary()
+        console.print(f"{s['samples']} samples embedded in {s['seconds']:.1f} s ({s['samples_per_s']:.1f} samples/s, "
+                      f"per node {s['by_node']}); {s['file_bytes'] / 1e3:.0f} KB stored per replica")
+        filt = filter_samples(store, "emb", "label in {1} and score > 0", cluster=cluster.spec)
+        near = nearest(store, "emb", stored_embedding(store, "emb", 0), 5, cluster=cluster.spec)
+    t = Table(title="queries on the nodes")
+    for col in ("query", "rows", "bytes scanned on the nodes", "bytes returned over the link"):
+        t.add_column(col, justify="right")
+    for label, r in (("filter: label in {1} and score > 0", filt), ("top 5 nearest sample 0", near)):
+        t.add_row(label, str(r.table.num_rows), f"{r.bytes_scanned:,}", f"{r.bytes_returned:,}")
+    console.print(t)
+    return {"job": s, "filter": filt.summary(), "nearest": {**near.summary(), "samples": near.samples}}
