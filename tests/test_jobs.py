@@ -104,6 +104,26 @@ def test_derived_file_roundtrip_and_corruption():
         decode_table(bytes(bad), what="x", expected_crc=crc32c(raw))
 
 
+def test_designer_inference_question():
+    """Embed 10^9 images: the network next to the data sends only embeddings; it loses where the storage side's
+    processors are small; each answer has images/s, time, energy per million images and link bytes."""
+    from nearstore.design import load_catalog, load_workloads
+    from nearstore.design.inference import embed_question
+
+    wls = load_workloads()
+    rows = {(r.arch, r.where): r for r in embed_question(load_catalog(), wls["resnet50-infer"], 10**9)}
+    host, near = rows[("smart_nvme_2u", "host")], rows[("smart_nvme_2u", "storage")]
+    assert host.feasible and near.feasible
+    assert near.link_bytes_per_image == 4096 and host.link_bytes_per_image == wls["resnet50-infer"].sample_bytes
+    assert near.link_bytes_total == 4096 * 10**9 and near.seconds == pytest.approx(10**9 / near.images_per_s)
+    small = rows[("nvdimm", "storage")]  # a large network on small processors loses, and says why
+    assert small.feasible and small.images_per_s < rows[("nvdimm", "host")].images_per_s / 10
+    assert small.bottleneck == "storage_accel" and small.kwh_per_million > rows[("nvdimm", "host")].kwh_per_million
+    assert not rows[("smart_ebof", "storage")].feasible and "no accelerator" in rows[("smart_ebof", "storage")].reasons[0]
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        embed_question(load_catalog(), wls["resnet50-infer"], 0)
+
+
 # -- live: one cluster, a real job -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def jstore(tmp_path_factory, image_folder) -> Path:

@@ -516,6 +516,35 @@ def query(
     write_json(json_path, res)
 
 
+@app.command("design-embed")
+def design_embed(
+    images: float = typer.Option(1e9, "--images", help="how many images to embed (e.g. 1e9)"),
+    workload: str = typer.Option("resnet50-infer", help="a workload ending in a network stage"),
+    embedding_bytes: float = typer.Option(4096, help="bytes of one embedding (2048 fp16 values: 4096)"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """The inference question: each architecture embedding N images with the network storage-side or host-side."""
+    from nearstore.design import load_catalog, load_workloads
+    from nearstore.design.inference import embed_question
+
+    wls = load_workloads()
+    if workload not in wls:
+        raise ConfigError(f"unknown workload {workload!r}; workloads: {', '.join(wls)}")
+    rows = embed_question(load_catalog(), wls[workload], int(images), embedding_bytes=embedding_bytes)
+    t = Table(title=f"embed {int(images):,} images ({workload}): the network next to the data vs on the host")
+    for col in ("design", "network on", "images/s", "time", "kWh per 10^6 images", "link bytes/image",
+                "link total", "bound by"):
+        t.add_column(col, justify="left" if col in ("design", "network on", "bound by") else "right")
+    for r in rows:
+        ok = r.feasible
+        t.add_row(r.arch, r.where, f"{r.images_per_s:,.0f}" if ok else "[red]cannot",
+                  f"{r.seconds / 3600:,.1f} h" if ok else "-", f"{r.kwh_per_million:.3f}" if ok else "-",
+                  f"{r.link_bytes_per_image:,.0f}" if ok else "-", f"{r.link_bytes_total / 1e12:,.1f} TB" if ok else "-",
+                  (r.bottleneck or "-") if ok else "; ".join(r.reasons)[:60])
+    Console().print(t)
+    write_json(json_path, {"images": int(images), "workload": workload, "rows": [r.as_dict() for r in rows]})
+
+
 def main() -> None:
     try:
         app()
