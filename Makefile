@@ -43,6 +43,7 @@ bench-quick: $(VENV)/.base
 	$(PY) bench/plan.py --quick --json bench/results/plan-quick.json
 	$(PY) bench/engines.py --quick --json bench/results/engines-quick.json
 	$(PY) bench/multihost.py --quick --json bench/results/multihost-quick.json
+	$(PY) bench/jobs.py --quick --json bench/results/jobs-quick.json
 
 clean:
 	rm -rf $(VENV) demo-out build src/*.egg-info src/nearstore/ops/*.so

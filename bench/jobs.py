@@ -60,7 +60,7 @@ def _job(store: Path, k: int, slowdown: float, batch: int, *, loader_baseline: b
         out: dict = {"nodes": k}
         if loader_baseline:  # the node's network throughput on the loader path, same ops and batch
             with Loader(cluster=cluster.spec, pipeline=ops, split="node", batch_size=batch, shuffle=False,
-                        workers=1) as ld:
+                        workers=2, prefetch=8) as ld:  # enough batches in flight to keep the node busy
                 t0 = time.perf_counter()
                 n = sum(len(b) for b in ld)
                 out["loader_samples_per_s"] = n / (time.perf_counter() - t0)
@@ -72,7 +72,7 @@ def _job(store: Path, k: int, slowdown: float, batch: int, *, loader_baseline: b
         out["samples_per_s"] = out["samples"] / out["seconds"]
         out["by_node"] = res.by_node
         out["file_bytes"] = res.manifest.file_bytes
-        if k == 1:
+        if loader_baseline:
             out["filter"] = _filter(store, cluster)
     return out
 
@@ -100,9 +100,9 @@ def run(n: int, slowdown: float, batch: int, nodes: tuple[int, ...], work: Path)
     for k in nodes:
         store = work / f"store-{k}"
         ingest(images, store, nodes=k, replicas=1, shard_size=max(1, n * 110_000 // (8 * k)))  # ~8 shards a node
-        runs.append(_job(store, k, slowdown, batch, loader_baseline=k == 1))
+        runs.append(_job(store, k, slowdown, batch, loader_baseline=k == nodes[0]))
         print(json.dumps({kk: v for kk, v in runs[-1].items() if kk != "filter"}), file=sys.stderr, flush=True)
-    one = runs[0]
+    one = runs[0]  # the baseline: its filter and loader figures are the ones reported
     speedups = {r["nodes"]: r["samples_per_s"] / one["samples_per_s"] for r in runs}
     ratio = one["samples_per_s"] / one["loader_samples_per_s"]
     return {"config": {"samples": n, "slowdown": slowdown, "batch": batch, "net": NET, "workers_per_node": 1},
@@ -120,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=400)
     ap.add_argument("--slowdown", type=float, default=8.0)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4], help="cluster sizes (the first is the baseline)")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="nearstore-bench-jobs-"))
     try:
         if args.quick:
             res = run(200, 4.0, args.batch, (1, 2), work)
         else:
-            res = run(args.samples, args.slowdown, args.batch, (1, 2, 4), work)
+            res = run(args.samples, args.slowdown, args.batch, tuple(args.nodes), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
