@@ -65,26 +65,23 @@ class DerivedSource:
         self.bytes_read = 0
 
     def _shard(self, s: int) -> tuple[pa.Table, np.ndarray]:
-        with self._lock:
+        with self._lock:  # held while reading: two fetch threads never read the same file twice
             hit = self._tables.get(s)
-        if hit is not None:
+            if hit is None:
+                sh = self.derived.shards[s]
+                errors = []
+                for n in sh.nodes:  # any replica on this machine whose file is intact
+                    try:
+                        table, size = read_shard_file(self.store / node_dir_name(n), self.derived.name,
+                                                      self.derived.generation, sh.shard, expected_crc=sh.crc32c)
+                        break
+                    except StoreError as exc:
+                        errors.append(str(exc))
+                else:
+                    raise StoreError(f"no readable copy of derived shard {sh.shard}: " + " | ".join(errors))
+                hit = self._tables[s] = (table, outputs_of(table))
+                self.bytes_read += size
             return hit
-        sh = self.derived.shards[s]
-        errors = []
-        for n in sh.nodes:  # any replica on this machine whose file is intact
-            try:
-                table, size = read_shard_file(self.store / node_dir_name(n), self.derived.name,
-                                              self.derived.generation, sh.shard, expected_crc=sh.crc32c)
-                break
-            except StoreError as exc:
-                errors.append(str(exc))
-        else:
-            raise StoreError(f"no readable copy of derived shard {sh.shard}: " + " | ".join(errors))
-        hit = (table, outputs_of(table))
-        with self._lock:
-            self._tables[s] = hit
-            self.bytes_read += size
-        return hit
 
     def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0) -> list[Fetched]:
         shards = (np.searchsorted(self._firsts, ids, side="right") - 1).tolist()
