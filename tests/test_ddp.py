@@ -38,7 +38,7 @@ def records(tmp: Path, rank: int) -> list[dict]:
 def test_torchrun_killed_mid_epoch_resumes_with_exactly_the_rest(store, tmp_path):
     with LocalCluster(store, workers_per_node=1) as c:
         c.spec.save(tmp_path / "cluster.json")
-        job = torchrun(tmp_path, tmp_path / "cluster.json", "--step-sleep", "0.5")
+        job = torchrun(tmp_path, tmp_path / "cluster.json", "--step-sleep", "1.0")
         deadline = time.monotonic() + 120
         # 48 samples, 2 ranks, batch 4: 6 steps; checkpoints after steps 2 and 4. Kill once step 3 is logged.
         while len(records(tmp_path, 1)) < 3 and job.poll() is None and time.monotonic() < deadline:
