@@ -198,8 +198,9 @@ class NodeServer(flight.FlightServerBase):
                                 f"{self.node_id} does not hold (nodes {self.store.manifest.shards[s].nodes} do)")
         with self.stats.lock:
             self.stats.requests += 1
-        log.debug("node %s: %d samples, %d ops, epoch %d, from %s", self.node_id, len(ids), len(t.ops), t.epoch,
-                  context.peer())
+        if log.isEnabledFor(logging.DEBUG):  # context.peer() is not free: only when the line is written
+            log.debug("node %s: %d samples, %d ops, epoch %d, from %s", self.node_id, len(ids), len(t.ops), t.epoch,
+                      context.peer())
         return flight.GeneratorStream(schema, self._stream(t.ops, t.seed, t.epoch, ids, t.batch_size, context))
 
     def _stream(self, ops: list, seed: int, epoch: int, ids: list[int], batch_size: int,
