@@ -260,6 +260,9 @@ def test_elastic_resume_with_another_world_size(store, world, new_world, stop_af
             assert following[-1] == [i for b in fresh for i in b.ids.tolist()]
     assert len(consumed) == len(set(consumed)) == stop_after * 4 * world
     assert sorted(consumed + rest) == list(range(48))  # 48 divides every W' here: no padding
+    with loader(store, batch_size=4, rank=0, world_size=new_world, pipeline=["decode_jpeg", "flip"]) as other:
+        with pytest.raises(ResumeStateError, match="pipeline"):  # another pipeline: refused, whatever the W
+            other.load_state_dict(state)
 
 
 def test_elastic_state_can_be_saved_again(store):
