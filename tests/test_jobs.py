@@ -178,6 +178,14 @@ def test_filter_on_the_nodes_equals_local_filter(jstore, jcluster, job):
     res = filter_samples(jstore, "emb", "label in {1, 3} and sample >= 4", cluster=jcluster.spec)
     assert res.samples == sorted(s for s in rows if labels[s] in (1, 3) and s >= 4)
     assert res.bytes_scanned == job.manifest.file_bytes and 0 < res.bytes_returned < res.bytes_scanned
+    from nearstore.jobs.infer import inference_pipeline
+    from nearstore.ops.network import network_ops
+
+    live = filter_samples(jstore, None, "label in {1, 3} and sample >= 4 and score > 0", cluster=jcluster.spec,
+                          pipeline=[*inference_pipeline(NET["size"]), *network_ops(NET["arch"], NET["cut"],
+                                                                                   dtype=NET["dtype"])])
+    assert live.samples == res.samples  # on the network's outputs computed now, nothing stored
+    assert live.bytes_scanned == sum(s.payload_bytes for s in Manifest.load(jstore).shards)
     with_data = filter_samples(jstore, "emb", "sample == 5", cluster=jcluster.spec, with_data=True)
     assert with_data.table.column("data").to_pylist()[0][:2] == b"\xff\xd8"  # the stored JPEG
     with pytest.raises(QueryError, match="at position 8"):

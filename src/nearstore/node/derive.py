@@ -80,12 +80,18 @@ class ShardRef(BaseModel):
 
 
 class QueryRequest(BaseModel):
+    """A query over stored derived files (``name``, ``generation``), or over a network's outputs computed now
+    (``ops``: the op chain, run on the workers as a job would, nothing written)."""
+
     model_config = ConfigDict(extra="forbid")
-    name: str
-    generation: str = Field(pattern=r"^[0-9a-f]{6,32}$")
+    name: str = ""
+    generation: str = Field("", pattern=r"^([0-9a-f]{6,32})?$")
     shards: list[ShardRef]
-    dtype: str
-    shape: list[int]
+    dtype: str = "float32"
+    shape: list[int] = Field(default_factory=list)
+    ops: list[dict[str, Any] | str] | None = None
+    seed: int = 0
+    batch_size: int = Field(32, ge=1, le=4096)
     filter: str | None = None
     with_data: bool = False
     vector: list[float] | None = None
@@ -156,10 +162,11 @@ def _held(server: Any, index: int) -> Any:
     return man.shards[index]
 
 
-def _derive(server: Any, req: DeriveRequest) -> tuple[dict, bytes]:
-    check_name(req.name)
-    entry = _held(server, req.shard)
-    pipe = server.work.pipeline(req.ops)  # validates every op against this node's registry and store
+def _compute(server: Any, ops: list, index: int, seed: int, batch_size: int,
+             meta: dict[str, Any]) -> tuple[pa.Table, int, dict]:
+    """Run ``ops`` over held shard ``index`` on the workers: its derived table, the errors, and what it is."""
+    entry = _held(server, index)
+    pipe = server.work.pipeline(ops)  # validates every op against this node's registry and store
     specs = pipe.declare(input_spec_of(server.store.manifest))
     spec = specs[-1]
     if not spec.fixed:
@@ -171,28 +178,29 @@ def _derive(server: Any, req: DeriveRequest) -> tuple[dict, bytes]:
         net = pipe.ops[-1]
         hw = specs[-2].shape
         act_shape = tuple(int(d) for d in net.info((int(hw[1]), int(hw[2]))).shape)  # type: ignore[attr-defined,index]
-    t0 = time.perf_counter()
-    ids = list(range(entry.first, entry.first + entry.samples))
-    rows = _run(server, req.ops, ids, req.seed, req.batch_size)
-    dtype = spec.dtype
+    rows = _run(server, ops, list(range(entry.first, entry.first + entry.samples)), seed, batch_size)
 
     def decode(values: np.ndarray) -> np.ndarray:
         return decode_q8(values, act_shape) if spec.kind == "act_q8" else values.astype(np.float32)
 
-    meta = meta_json(name=req.name, generation=req.generation, shard=entry.name, kind=spec.kind, dtype=dtype,
-                     shape=list(act_shape), encoded=list(encoded), fingerprint=req.fingerprint,
-                     node=server.node_id)
-    table = build_table(rows, dtype=dtype, shape=act_shape, encoded=encoded,
-                        decode=decode, meta=meta)
+    what = {"shard": entry.name, "kind": spec.kind, "dtype": spec.dtype, "shape": list(act_shape)}
+    table = build_table(rows, dtype=spec.dtype, shape=act_shape, encoded=encoded, decode=decode,
+                        meta=meta_json(**meta, **what, encoded=list(encoded), node=server.node_id))
+    return table, sum(r[5] is not None for r in rows), what
+
+
+def _derive(server: Any, req: DeriveRequest) -> tuple[dict, bytes]:
+    check_name(req.name)
+    t0 = time.perf_counter()
+    table, errors, what = _compute(server, req.ops, req.shard, req.seed, req.batch_size,
+                                   {"name": req.name, "generation": req.generation, "fingerprint": req.fingerprint})
     raw = encode_table(table)
-    write_shard_file(server.store.path, req.name, req.generation, entry.name, raw)
-    errors = sum(r[5] is not None for r in rows)
+    write_shard_file(server.store.path, req.name, req.generation, what["shard"], raw)
     seconds = time.perf_counter() - t0
     log.info("node %s: derived %s shard %s (%d samples, %d errors) in %.2f s", server.node_id, req.name,
-             entry.name, len(rows), errors, seconds)
-    return ({"node": server.node_id, "index": req.shard, "shard": entry.name, "samples": len(rows), "errors": errors,
-             "file_bytes": len(raw), "crc32c": crc32c(raw), "seconds": seconds, "kind": spec.kind, "dtype": dtype,
-             "shape": list(act_shape)}, raw)
+             what["shard"], table.num_rows, errors, seconds)
+    return ({"node": server.node_id, "index": req.shard, "samples": table.num_rows, "errors": errors,
+             "file_bytes": len(raw), "crc32c": crc32c(raw), "seconds": seconds, **what}, raw)
 
 
 def _run(server: Any, ops: list, ids: list[int], seed: int, batch_size: int) -> list[tuple]:
@@ -245,8 +253,15 @@ def _put(server: Any, header: dict, raw: bytes) -> dict:
 
 
 def _tables(server: Any, req: QueryRequest) -> tuple[list[pa.Table], int]:
-    check_name(req.name)
+    """The tables the query runs over and the bytes read for them (derived files, or the raw samples)."""
     tables, scanned = [], 0
+    if req.ops is not None:
+        for ref in req.shards:
+            table, _, _ = _compute(server, req.ops, ref.index, req.seed, req.batch_size, {})
+            tables.append(table)
+            scanned += server.store.manifest.shards[ref.index].payload_bytes
+        return tables, scanned
+    check_name(req.name)
     for ref in req.shards:
         entry = _held(server, ref.index)
         table, size = read_shard_file(server.store.path, req.name, req.generation, entry.name,
@@ -293,6 +308,8 @@ def _knn(server: Any, req: QueryRequest) -> tuple[dict, bytes]:
     if req.vector is None or req.k is None:
         raise QueryError("knn: give a query vector and k")
     check_k(req.k)
+    if req.ops is not None:
+        raise QueryError("knn scores stored embeddings: compute them first (`nearstore infer --out NAME`)")
     if req.metric not in METRICS:
         raise QueryError(f"metric must be one of {', '.join(METRICS)} (got {req.metric!r})")
     tables, scanned = _tables(server, req)
