@@ -34,6 +34,7 @@ bench: $(VENV)/.dali
 	$(PY) bench/plan.py --json bench/results/plan.json
 	$(PY) bench/engines.py --json bench/results/engines.json
 	$(PY) bench/multihost.py --json bench/results/multihost.json
+	$(PY) bench/train_head.py --json bench/results/train-head.json
 
 bench-quick: $(VENV)/.base
 	$(PY) bench/run.py --quick --json bench/results/quick.json
@@ -44,6 +45,7 @@ bench-quick: $(VENV)/.base
 	$(PY) bench/engines.py --quick --json bench/results/engines-quick.json
 	$(PY) bench/multihost.py --quick --json bench/results/multihost-quick.json
 	$(PY) bench/jobs.py --quick --json bench/results/jobs-quick.json
+	$(PY) bench/train_head.py --quick --json bench/results/train-head-quick.json
 
 clean:
 	rm -rf $(VENV) demo-out build src/*.egg-info src/nearstore/ops/*.so

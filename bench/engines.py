@@ -3,7 +3,8 @@
 ResNet-50 pooled features on 224x224 crops: PyTorch eager (baseline), the
 op's PyTorch engine (channels-last, inference mode), ONNX Runtime fp32 and
 int8 (static QDQ), each with float32 / float16 / int8 outputs, at batch 1, 16
-and 32; median of 3 after a warm-up, 2 threads. Goal (issue #11): the fastest
+and 32; median of 3 after a warm-up, one thread per engine (``--threads``; a node
+worker runs one). Goal (issue #11): the fastest
 engine >= 2x eager at batch >= 16, or the table shows why not. ``--quick``
 (CI): MobileNetV2 up to layer1 at 64x64, batches 1 and 4, one round.
 """
@@ -24,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--cut", default="pooled")
+    ap.add_argument("--threads", type=int, default=1, help="threads per engine (a node worker runs 1)")
     args = ap.parse_args(argv)
     if args.quick:
-        res = engine_grid(arch="mobilenet_v2", cut="layer1", size=64, batches=(1, 4), rounds=1)
+        res = engine_grid(arch="mobilenet_v2", cut="layer1", size=64, batches=(1, 4), rounds=1, threads=args.threads)
     else:
-        res = engine_grid(arch=args.arch, cut=args.cut, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        res = engine_grid(arch=args.arch, cut=args.cut, threads=args.threads,
+                          progress=lambda m: print(m, file=sys.stderr, flush=True))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1))
     for r in res["rows"]:

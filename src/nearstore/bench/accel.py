@@ -171,12 +171,16 @@ def head_training(spec: ClusterSpec, *, net: str = "resnet18", cut: str = "poole
     (on the nodes for split 'node'), then a real head-training step on the host per batch.
 
     Reports ``emulated_training``'s figures (samples/s, AU = step time / wall, bytes per sample, node and
-    host stage seconds) and the loss at the start and end.
+    host stage seconds) and the loss at the start and end, after an untimed warm-up pass.
     """
     classes = max(2, len(_manifest(spec).classes))
     pipe = Pipeline(["decode_jpeg", {"op": "random_resized_crop", "size": size}, "flip", "to_uint8_chw",
                      *network_ops(net, cut, dtype=dtype, engine=engine, hw=(size, size))])
     features = describe(net, cut, (size, size)).shape[0]
+    # a short untimed pass first: each process that runs the network builds it and picks its engine (seconds,
+    # once), which would otherwise count as stage time
+    emulated_training(spec, pipeline=pipe, split=split, step_time=0.0, samples=min(samples, 2 * batch_size),
+                      batch_size=batch_size, workers=workers, seed=seed + 1)
     trainer = HeadTrainer(features, classes, hidden=hidden, lr=lr, seed=seed)
     res = emulated_training(spec, pipeline=pipe, split=split, step_time=0.0, samples=samples,
                             batch_size=batch_size, workers=workers, seed=seed, step=trainer)

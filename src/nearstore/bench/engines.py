@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nearstore.nets import describe, engines
+from nearstore.nets import describe, engines, max_rel_error
 from nearstore.nets import models
 from nearstore.ops.base import Spec
 from nearstore.ops.network import Network
@@ -66,6 +66,17 @@ def engine_grid(*, arch: str = "resnet50", cut: str = "pooled", size: int = 224,
                 sec = _time(lambda op=op, out=out, xs=xs: op.run_batch(xs, [None] * len(xs), out), rounds)
                 rows.append({"engine": engine, "dtype": dtype, "batch": batch, "seconds": sec,
                              "samples_per_s": batch / sec, "speedup_vs_eager": base / sec})
+    # how far each engine's float32 output lies from eager's (an int8 engine computes with quantized weights and
+    # activations: it is fast, but not the same function)
+    xs = crops[: min(4, len(crops))]
+    with torch.no_grad():
+        ref = eager(torch.from_numpy(Network()._batch(xs))).numpy()
+    accuracy = {}
+    for engine in engines():
+        op = ops[engine, "float32"] if (engine, "float32") in ops else Network(arch=arch, cut=cut, engine=engine)
+        got = np.empty((len(xs), *op.declare(spec_in).shape), np.float32)
+        op.run_batch(xs, [None] * len(xs), got)
+        accuracy[engine] = max(max_rel_error(g, r) for g, r in zip(got, ref))
     info = describe(arch, cut, (size, size))
     best = {}
     for b in batches:
@@ -75,6 +86,7 @@ def engine_grid(*, arch: str = "resnet50", cut: str = "pooled", size: int = 224,
     goal = all(best[b]["speedup_vs_eager"] >= 2.0 for b in batches if b >= 16)
     return {"arch": arch, "cut": cut, "size": size, "threads": threads, "rounds": rounds,
             "gmacs_per_sample": info.macs / 1e9, "cpu_flags": _cpu_flags(), "engines": engines(), "rows": rows,
+            "max_rel_error_vs_eager": accuracy,
             "best_per_batch": best, "goal": {"fastest >= 2x eager at batch >= 16": goal}}
 
 

@@ -133,6 +133,9 @@ class OrtEngine:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # no busy-waiting between calls: spinning pool threads would take the cores from the other stages (and
+        # engines) of the same process
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from nearstore.core.errors import OpParamError, SampleDecodeError
 from nearstore.nets import ARCHS, CUTS, DTYPES, ENGINES
@@ -40,41 +40,20 @@ log = logging.getLogger(__name__)
 ACT_KINDS = ("act", "act_q8")
 
 
+# Literal types: a bad value's error lists the allowed ones
+Arch = Literal[tuple(ARCHS)]  # type: ignore[valid-type]
+Cut = Literal[CUTS]  # type: ignore[valid-type]
+Dtype = Literal[DTYPES]  # type: ignore[valid-type]
+EngineName = Literal[("auto", *ENGINES)]  # type: ignore[valid-type]
+
+
 class _NetParams(OpParams):
-    arch: str = "resnet50"
-    cut: str = "pooled"
-    dtype: str = "float32"
-    engine: str = "auto"
+    arch: Arch = "resnet50"  # type: ignore[valid-type]
+    cut: Cut = "pooled"  # type: ignore[valid-type]
+    dtype: Dtype = "float32"  # type: ignore[valid-type]
+    engine: EngineName = "auto"  # type: ignore[valid-type]
     weights: str | None = Field(None, description="a PyTorch state dict or ONNX file; None: seeded random init")
     seed: int = Field(0, ge=0)
-
-    @field_validator("arch")
-    @classmethod
-    def _arch(cls, v: str) -> str:
-        if v not in ARCHS:
-            raise ValueError(f"unknown architecture {v!r}; architectures: {', '.join(ARCHS)}")
-        return v
-
-    @field_validator("cut")
-    @classmethod
-    def _cut(cls, v: str) -> str:
-        if v not in CUTS:
-            raise ValueError(f"unknown cut {v!r}; cuts: {', '.join(CUTS)}")
-        return v
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"unknown dtype {v!r}; dtypes: {', '.join(DTYPES)}")
-        return v
-
-    @field_validator("engine")
-    @classmethod
-    def _engine(cls, v: str) -> str:
-        if v != "auto" and v not in ENGINES:
-            raise ValueError(f"unknown engine {v!r}; engines: auto, {', '.join(ENGINES)}")
-        return v
 
 
 @register
