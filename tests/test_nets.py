@@ -161,29 +161,31 @@ def test_auto_engine_measures_and_engines_are_listed():
 
 
 def test_weights_files_round_trip_and_mismatches_name_the_key(tmp_path):
-    ref = models.build("resnet18", "layer1", seed=4)
+    ref = models.build("mobilenet_v2", "layer1", seed=4)
     x = torch.randn(2, 3, 64, 64)
     state = models.state_of(ref)
-    pt = tmp_path / "r18.pt"
-    torch.save({f"resnet.{k}": v for k, v in state.items()} | {"classifier.1.weight": torch.zeros(3)}, pt)
-    assert torch.equal(models.build("resnet18", "layer1", weights=str(pt))(x), ref(x))
-    onnx_path = tmp_path / "r18.onnx"
-    models.export_onnx(models.build("resnet18", "stem", seed=4), onnx_path)
-    assert torch.equal(models.build("resnet18", "stem", weights=str(onnx_path))(x),
-                       models.build("resnet18", "stem", seed=4)(x))
+    pt = tmp_path / "m.pt"
+    torch.save({f"mobilenet_v2.{k}": v for k, v in state.items()} | {"classifier.weight": torch.zeros(3)}, pt)
+    assert torch.equal(models.build("mobilenet_v2", "layer1", weights=str(pt))(x), ref(x))
+    onnx_path = tmp_path / "m.onnx"
+    models.export_onnx(models.build("mobilenet_v2", "stem", seed=4), onnx_path)
+    assert torch.equal(models.build("mobilenet_v2", "stem", weights=str(onnx_path))(x),
+                       models.build("mobilenet_v2", "stem", seed=4)(x))
     bad = dict(state)
-    key = "encoder.stages.0.layers.1.layer.0.convolution.weight"
-    bad[key] = torch.zeros(64, 64, 1, 1)
+    key = "layer.1.conv_3x3.convolution.weight"
+    bad[key] = torch.zeros(144, 1, 5, 5)
     torch.save(bad, tmp_path / "shape.pt")
-    with pytest.raises(OpParamError, match=r"encoder.stages.0.layers.1.layer.0.convolution.weight' has shape "
-                                           r"\(64, 64, 1, 1\).*needs \(64, 64, 3, 3\)"):
-        models.build("resnet18", "layer1", weights=str(tmp_path / "shape.pt"))
+    with pytest.raises(OpParamError, match=r"'layer.1.conv_3x3.convolution.weight' has shape \(144, 1, 5, 5\).*"
+                                           r"needs \(144, 1, 3, 3\)"):
+        models.build("mobilenet_v2", "layer1", weights=str(tmp_path / "shape.pt"))
     del bad[key]
     torch.save(bad, tmp_path / "missing.pt")
-    with pytest.raises(OpParamError, match="lack 'encoder.stages.0.layers.1.layer.0.convolution.weight'"):
-        models.build("resnet18", "layer1", weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(OpParamError, match="lack 'layer.1.conv_3x3.convolution.weight'"):
+        models.build("mobilenet_v2", "layer1", weights=str(tmp_path / "missing.pt"))
+    r18 = tmp_path / "r18.pt"  # a ResNet-18 file (its stem is ResNet-50's) for ResNet-50: the first key that differs
+    torch.save(models.state_of(models.build("resnet18", "stem")), r18)
     with pytest.raises(OpParamError, match="lack 'encoder.stages.0.layers.0.shortcut.convolution.weight'"):
-        models.build("resnet50", "layer1", weights=str(pt))  # a ResNet-18 file for ResNet-50: the first key differs
+        models.build("resnet50", "layer1", weights=str(r18))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(OpParamError, match="not a readable PyTorch state dict"):
         models.build("resnet18", "stem", weights=str(tmp_path / "junk.pt"))
