@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nearstore import Loader, Pipeline
+from nearstore.bench.accel import emulated_training
 from nearstore.core.errors import ConfigError, OpParamError, SampleDecodeError
 from nearstore.nets import ARCHS, CUTS, decode_q8, describe, encode, encoded_shape, engines, max_rel_error
 from nearstore.nets import models
@@ -21,6 +22,8 @@ from nearstore.node import LocalCluster
 from nearstore.node.workers import NodeWork
 from nearstore.ops import Spec, make_op, network_ops
 from nearstore.store.ingest import ingest
+from nearstore.store.synth import SynthSpec, synth_folder
+from nearstore.train import HeadTrainer
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -203,57 +206,72 @@ def test_nan_is_a_sample_error_not_a_sample(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def crop_store(tmp_path_factory):
-    """12 random 64x64x3 uint8 crops (.npy) on one node."""
-    from nearstore.bench.host import write_npy_tar
-
-    base = tmp_path_factory.mktemp("crops")
-    (base / "src").mkdir()
-    write_npy_tar(base / "src" / "c-000.tar", n=12, shape=(64, 64, 3), classes=3)
-    ingest(base / "src", base / "store", nodes=1, shard_size=1 << 20)
+def labelled_store(tmp_path_factory):
+    """48 JPEGs of 4 classes that their colors separate (synth --class-colors), on one node."""
+    base = tmp_path_factory.mktemp("labelled")
+    synth_folder(base / "img", SynthSpec(n=48, seed=3, classes=4, class_colors=True), workers=1)
+    ingest(base / "img", base / "store", nodes=1, shard_size=1 << 20)
     return base / "store"
 
 
+@pytest.fixture(scope="module")
+def cluster(labelled_store):
+    with LocalCluster(labelled_store, workers_per_node=1) as c:
+        yield c
+
+
+CROP64 = ["decode_jpeg", {"op": "random_resized_crop", "size": 64, "scale": [0.5, 1.0]}, "flip", "to_uint8_chw"]
+
+
 def _features(store, ops, split, cluster=None):  # noqa: ANN001
-    pipe = Pipeline([{"op": "decode_npy", "shape": [64, 64, 3]}, "to_uint8_chw", *ops])
     kw = {"cluster": cluster, "split": split} if cluster else {}
-    with Loader(None if cluster else store, pipeline=pipe, batch_size=6, shuffle=False, workers=1,
-                **kw) as loader:
+    with Loader(None if cluster else store, pipeline=Pipeline(CROP64 + ops), batch_size=16, shuffle=False,
+                workers=1, **kw) as loader:
         return np.concatenate([b.data for b in loader])
 
 
-def test_node_side_equals_host_side_for_every_cut(crop_store, tmp_path):
+def test_node_side_equals_host_side_for_every_cut(labelled_store, cluster, tmp_path):
+    for cut in CUTS:
+        ops = [{"op": "network", "arch": "mobilenet_v2", "cut": cut, "engine": "pytorch"}]
+        host = _features(labelled_store, ops, "host")
+        node = _features(labelled_store, ops, "node", cluster)
+        assert host.shape == node.shape == (48, *describe("mobilenet_v2", cut, (64, 64)).shape)
+        for a, b in zip(node, host):
+            assert max_rel_error(a, b) <= TOLERANCE["pytorch", "float32"], cut
+    ops = network_ops("mobilenet_v2", "layer2", dtype="int8", engine="pytorch", hw=(64, 64))
+    node = _features(labelled_store, ops[:1], "node", cluster)  # int8 rows on the wire, dequantized on the host
+    assert node.dtype == np.int8 and node.shape == (48, 4 + 32 * 8 * 8)
+    both = _features(labelled_store, ops, len(CROP64) + 1, cluster)
+    host = _features(labelled_store, ops, "host")
+    for a, b in zip(both, host):
+        assert max_rel_error(a, b) <= TOLERANCE["pytorch", "int8"]
     nan = tmp_path / "nan.pt"
     state = models.state_of(models.build("mobilenet_v2", "stem"))
     state["conv_stem.first_conv.convolution.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, nan)
-    with LocalCluster(crop_store, workers_per_node=1) as cluster:
-        for cut in CUTS:
-            ops = [{"op": "network", "arch": "mobilenet_v2", "cut": cut, "engine": "pytorch"}]
-            host = _features(crop_store, ops, "host")
-            node = _features(crop_store, ops, "node", cluster)
-            assert host.shape == node.shape == (12, *describe("mobilenet_v2", cut, (64, 64)).shape)
-            for a, b in zip(node, host):
-                assert max_rel_error(a, b) <= TOLERANCE["pytorch", "float32"], cut
-        ops = network_ops("mobilenet_v2", "layer2", dtype="int8", engine="pytorch", hw=(64, 64))
-        node = _features(crop_store, ops[:1], "node", cluster)  # int8 rows on the wire, dequantized on the host
-        assert node.dtype == np.int8 and node.shape == (12, 4 + 32 * 8 * 8)
-        both = _features(crop_store, ops, 2, cluster)
-        host = _features(crop_store, ops[:1] + [{"op": "dequantize", "shape": [32, 8, 8]}], "host")
-        for a, b in zip(both, host):
-            assert max_rel_error(a, b) <= TOLERANCE["pytorch", "int8"]
-        pipe = Pipeline([{"op": "decode_npy", "shape": [64, 64, 3]}, "to_uint8_chw",
-                         {"op": "network", "arch": "mobilenet_v2", "cut": "stem", "weights": str(nan)}])
-        with Loader(cluster=cluster, pipeline=pipe, split="node", batch_size=6, on_error="skip",
-                    workers=1) as loader:
-            assert sum(len(b) for b in loader) == 0
-            assert loader.stats.skipped == 12
-            assert "NaN or Inf" in loader.stats.skipped_samples[0]["error"]
+    pipe = Pipeline(CROP64 + [{"op": "network", "arch": "mobilenet_v2", "cut": "stem", "weights": str(nan)}])
+    with Loader(cluster=cluster, pipeline=pipe, split="node", batch_size=16, on_error="skip", workers=1) as loader:
+        assert sum(len(b) for b in loader) == 0
+        assert loader.stats.skipped == 48
+        assert "NaN or Inf" in loader.stats.skipped_samples[0]["error"]
 
 
-def test_a_network_too_big_for_the_node_is_refused_with_sizes(crop_store):
-    work = NodeWork(crop_store / "node-000", memory_bytes=200e6)
-    ops = [{"op": "decode_npy", "shape": [64, 64, 3]}, "to_uint8_chw", {"op": "network", "arch": "resnet50"}]
+def test_frozen_backbone_on_the_node_trains_a_head_on_the_host(cluster):
+    """Transfer learning end to end (issue 11 point 3): features from a real node, a real training step here."""
+    trainer = HeadTrainer(512, 4, lr=1e-2, seed=0)
+    pipe = Pipeline(CROP64 + network_ops("resnet18", "pooled", dtype="float16", engine="pytorch"))
+    res = emulated_training(cluster.spec, pipeline=pipe, split="node", step_time=0.0, samples=96, batch_size=16,
+                            workers=1, step=trainer)
+    first, last = trainer.loss_fell()
+    assert last < 0.6 * first, trainer.losses
+    assert res["step"] == "real" and res["samples"] >= 96 and 0 < res["au"] <= 1
+    assert res["bytes_per_sample"] < 512 * 2 + 200  # fp16 features and a row's framing, not a 12 KB crop
+    assert "network" in res["node_stage_seconds"] and not res["host_stage_seconds"].get("network")
+
+
+def test_a_network_too_big_for_the_node_is_refused_with_sizes(labelled_store):
+    work = NodeWork(labelled_store / "node-000", memory_bytes=200e6)
+    ops = CROP64 + [{"op": "network", "arch": "resnet50"}]
     work.schema(ops, batch_size=16, copies=1)  # ~94 MB of parameters + 16 small samples fit
     with pytest.raises(ConfigError, match=r"2 worker\(s\) x \(94.2 MB of parameters \+ 64 samples x .* MB "
                                           r"resident\) = .* MB, but it has 200.0 MB"):

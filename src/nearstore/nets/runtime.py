@@ -120,8 +120,8 @@ def _quantize(src: Path, dst: Path, hw: tuple[int, int]) -> None:
     os.close(fd)
     try:
         quant_pre_process(str(src), pre, skip_symbolic_shape=True)
-        # reduce_range: 7-bit weights, so AVX2's u8 x s8 multiply-adds (no VNNI here) cannot saturate their
-        # 16-bit sums (ONNX Runtime's advice for such CPUs)
+        # reduce_range: 7-bit weights, so on a node CPU without VNNI (AVX2 only) the u8 x s8 multiply-adds
+        # cannot saturate their 16-bit sums (ONNX Runtime's advice for such CPUs); the same file runs anywhere
         quantize_static(pre, tmp, Noise(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         os.replace(tmp, dst)
