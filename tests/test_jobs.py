@@ -134,7 +134,7 @@ def jstore(tmp_path_factory, image_folder) -> Path:
 
 @pytest.fixture(scope="module")
 def jcluster(jstore):
-    with LocalCluster(jstore, workers_per_node=1) as c:
+    with LocalCluster(jstore, workers_per_node=1, worker_kind="thread") as c:  # no worker processes to start
         yield c
 
 
