@@ -216,3 +216,12 @@ def test_the_host_splits_its_jpegs_between_cpus_and_gpus(cat, wl):
     gpu_only = max(evaluate(s.resources, stages_for(s, w, 0, gpu_decode=h)).samples_per_s for h in (0.0, 0.5, 1.0))
     assert "host CPUs" in a.compute_preprocess and "GPUs" in a.compute_preprocess
     assert a.samples_per_s > 1.1 * max(cpu_only, gpu_only)
+
+
+def test_training_across_boxes_pays_the_allreduce_on_their_uplinks(cat, wl):
+    s = ARCHITECTURES["smart_nvme_2u"](cat, boxes=4)  # 64 Orin drives in 4 boxes
+    model = stages_for(s, wl["resnet50-train"], 2)[2]
+    g = 25.6e6 * 2
+    assert model.demands["drive_links"] == pytest.approx(2 * 63 * g / (64 * 256))
+    assert model.demands["ethernet"] == pytest.approx(2 * 3 * g / (64 * 256))
+    assert "ethernet" not in stages_for(ARCHITECTURES["smart_nvme_2u"](cat), wl["resnet50-train"], 2)[2].demands

@@ -55,6 +55,8 @@ class Device:
     jpeg: str | None = None  # resource of its hardware JPEG decoder
     bus: str | None = None  # resource a model stage's input crosses to reach it
     allreduce: str | None = None  # resource gradients cross between devices (data-parallel training)
+    groups: int = 1  # boxes the devices sit in: between boxes the all-reduce crosses ``group_link``
+    group_link: str | None = None
     emulated: bool = False
 
 
@@ -309,7 +311,7 @@ def smart_nvme_2u(cat: Catalog, *, drive: str = "orin-e3s", drives: int | None =
                        train_macs_per_s=d.accel_fp16_tflops * 1e12 / 2 * d.accel_mfu,
                        infer_macs_per_s=max(d.accel_fp16_tflops, d.accel_int8_tops) * 1e12 / 2 * d.accel_mfu,
                        infer_bytes_per_param=2.0 if infer_fp16 else 1.0, memory_bytes=d.accel_memory_gb * 1e9,
-                       allreduce="drive_links")
+                       allreduce="drive_links", groups=boxes, group_link="ethernet")
     storage_cpu = "storage_cpu" if d.cores else ("storage_head_cpu" if head else None)
     extra = "storage_head_cpu" if d.cores and head else None
     return System(

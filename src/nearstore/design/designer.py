@@ -115,6 +115,8 @@ def _model_stage(ws: WorkloadStage, dev: Device, frac: float, in_bytes: float, d
     _add(demands, dev.bus, frac * in_bytes)
     if ws.train and dev.allreduce and dev.count > 1:  # ring all-reduce of fp16 gradients once per step
         _add(demands, dev.allreduce, frac * 2 * (dev.count - 1) * ws.gradient_bytes() / (dev.count * ws.batch))
+    if ws.train and dev.group_link and dev.groups > 1:  # hierarchical: each box's share crosses its uplinks
+        _add(demands, dev.group_link, frac * 2 * (dev.groups - 1) * ws.gradient_bytes() / (dev.count * ws.batch))
     if not dev.emulated:
         memory[dev.resource] = ws.resident_bytes(2.0 if ws.train else dev.infer_bytes_per_param)
 
