@@ -46,28 +46,29 @@ def test_counts_match_the_papers(arch):
     assert info.macs + CLASSIFIER[arch] - 1000 == pytest.approx(macs, rel=0.03)
 
 
-def _meta_count(arch: str, cut: str, hw: tuple[int, int]) -> tuple[int, tuple, int]:
-    """Parameters, output shape and conv MACs of the real module, measured on the meta device (no arithmetic)."""
-    with torch.device("meta"):
-        net = models.backbone(arch)
-        module = models.Cut([(models._mangle(p), m) for p, m in models._parts(arch, net, cut)], cut == "pooled")
+def _meta_count(net, arch: str, cut: str, hw: tuple[int, int]) -> tuple[int, tuple, int]:  # noqa: ANN001
+    """Parameters, output shape and conv MACs of the real module cut at ``cut``, measured on the meta device
+    (no arithmetic)."""
+    module = models.Cut([(models._mangle(p), m) for p, m in models._parts(arch, net, cut)], cut == "pooled")
     macs = [0]
 
     def hook(m, inp, out):  # noqa: ANN001
         macs[0] += m.weight.numel() * out.shape[2] * out.shape[3]
 
-    for m in module.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.register_forward_hook(hook)
+    hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
     y = module(torch.empty((1, 3, *hw), device="meta"))
+    for h in hooks:
+        h.remove()
     return sum(p.numel() for p in module.parameters()), tuple(y.shape[1:]), macs[0]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_describe_matches_the_modules_at_every_cut(arch):
+    with torch.device("meta"):
+        net = models.backbone(arch)
     for cut in CUTS:
         for hw in ((224, 224), (96, 128)):
-            params, shape, macs = _meta_count(arch, cut, hw)
+            params, shape, macs = _meta_count(net, arch, cut, hw)
             info = describe(arch, cut, hw)
             assert (info.params, info.shape, info.macs) == (params, shape, macs), (cut, hw)
 
