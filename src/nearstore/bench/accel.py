@@ -168,7 +168,8 @@ def head_training(spec: ClusterSpec, *, net: str = "resnet18", cut: str = "poole
                   split: int | str = "node", samples: int = 512, batch_size: int = 64, workers: int = 2,
                   seed: int = 0) -> dict:
     """Transfer learning as the accelerator's work: decode + crop + flip + a frozen ``net`` up to ``cut``
-    (on the nodes for split 'node'), then a real head-training step on the host per batch.
+    (on the nodes for split 'node'; with int8 features the host-side ``dequantize`` stays on the host), then a
+    real head-training step on the host per batch.
 
     Reports ``emulated_training``'s figures (samples/s, AU = step time / wall, bytes per sample, node and
     host stage seconds) and the loss at the start and end, after an untimed warm-up pass.
@@ -176,6 +177,8 @@ def head_training(spec: ClusterSpec, *, net: str = "resnet18", cut: str = "poole
     classes = max(2, len(_manifest(spec).classes))
     pipe = Pipeline(["decode_jpeg", {"op": "random_resized_crop", "size": size}, "flip", "to_uint8_chw",
                      *network_ops(net, cut, dtype=dtype, engine=engine, hw=(size, size))])
+    if split == "node" and dtype == "int8":
+        split = len(pipe.ops) - 1  # int8 rows cross the link; the host dequantizes them
     features = describe(net, cut, (size, size)).shape[0]
     # a short untimed pass first: each process that runs the network builds it and picks its engine (seconds,
     # once), which would otherwise count as stage time

@@ -235,7 +235,8 @@ def bench(
     local: Optional[Path] = typer.Option(None, "--local", help="store to benchmark the host pipeline on"),
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="cluster file (or store dir) for the "
                                            "emulated-accelerator benchmark"),
-    split: str = typer.Option("host", help="with --cluster: 'host', 'node' or an op index"),
+    split: Optional[str] = typer.Option(None, help="with --cluster: 'host', 'node' or an op index (default: host; "
+                                        "node with --train-head)"),
     step_time: Optional[float] = typer.Option(None, help="with --cluster: seconds of emulated compute per batch"),
     accel: Optional[str] = typer.Option(None, help="with --cluster: emulate this accelerator (h100, a100) ..."),
     model: str = typer.Option("resnet50", help="... running this model (step time from MLPerf Storage)"),
@@ -267,6 +268,7 @@ def bench(
         from nearstore.ops.pipeline import standard_train
 
         spec = ClusterSpec.load(cluster)
+        split = split or ("node" if train_head else "host")
         split_arg = int(split) if split.isdigit() else split
         if train_head:
             from nearstore.bench.accel import head_training
