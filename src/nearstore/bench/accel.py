@@ -16,7 +16,7 @@ from typing import Any, Callable
 from nearstore.core.errors import ConfigError
 from nearstore.loader.loader import Loader
 from nearstore.nets import describe
-from nearstore.node.client import NodeClient
+from nearstore.node.client import node_client
 from nearstore.node.cluster import ClusterSpec, LocalCluster
 from nearstore.ops.network import network_ops
 from nearstore.ops.pipeline import Pipeline
@@ -52,7 +52,7 @@ def step_time_for(accel: str, model: str, batch_size: int) -> float:
 def _node_stats(spec: ClusterSpec) -> list[dict]:
     out = []
     for ep in spec.nodes:
-        c = NodeClient(ep.uri, node=ep.node, token=spec.token)
+        c = node_client(spec, ep.node)
         out.append(c.stats())
         c.close()
     return out
@@ -195,7 +195,7 @@ def head_training(spec: ClusterSpec, *, net: str = "resnet18", cut: str = "poole
 
 
 def _manifest(spec: ClusterSpec) -> Manifest:
-    c = NodeClient(spec.nodes[0].uri, node=spec.nodes[0].node, token=spec.token)
+    c = node_client(spec, spec.nodes[0].node)
     try:
         return c.manifest()
     finally:

@@ -29,7 +29,7 @@ import numpy as np
 from nearstore.core.errors import NearstoreError
 
 __all__ = ["failover_run", "fuzz_tickets", "fuzz_readers", "ingest_kill_loop", "load_run", "batch_digests",
-           "peak_rss", "copy_store"]
+           "peak_rss", "copy_store", "flip_bytes", "scrub_found_every_flip"]
 
 
 def batch_digests(loader: Any, *, epoch_hook: Any = None) -> tuple[list[tuple[list[str], str]], list[float]]:
@@ -357,3 +357,61 @@ def copy_store(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".nearstore", "cluster.json"))
     return dst
 
+
+
+def flip_bytes(store: Path, flips: int, *, seed: int = 0, index_share: float = 0.1) -> list[dict]:
+    """Flip one bit in each of ``flips`` random bytes across the copies of ``store``'s shards and indexes.
+
+    Every sample keeps at least one good copy next to a good index (a byte is flipped only where the
+    other copies are still good there, and an index only when the other copies are undamaged), so
+    readers always find a good copy and a repair can always succeed. Returns one record per flip: file,
+    offset, and the global sample id whose payload it hit (None: a tar header, padding or an index).
+    """
+    from nearstore.store.manifest import Manifest, node_dir_name
+    from nearstore.store.store import Store
+
+    rng = random.Random(seed)
+    man = Manifest.load(store)
+    st = Store(store)
+    indexes = [st.reader(k).index for k in range(len(man.shards))]
+    st.close()
+    damaged: set[tuple[int, object]] = set()  # (shard, sample local index or "index"/"tar") already hit somewhere
+    done: list[dict] = []
+    hit: set[tuple[str, int]] = set()
+    while len(done) < flips:
+        k = rng.randrange(len(man.shards))
+        entry, idx = man.shards[k], indexes[k]
+        node = rng.choice(entry.nodes)
+        if rng.random() < index_share:
+            path, unit = store / node_dir_name(node) / f"{entry.name}.idx.arrow", ("index", None)
+            offset = rng.randrange(path.stat().st_size)
+            sample = None
+        else:
+            path = store / node_dir_name(node) / f"{entry.name}.tar"
+            offset = rng.randrange(entry.tar_bytes)
+            i = int(np.searchsorted(idx.offset, offset, side="right")) - 1
+            inside = i >= 0 and offset < int(idx.offset[i]) + int(idx.size[i])
+            unit = ("sample", i) if inside else ("tar", None)
+            sample = entry.first + i if inside else None
+        others = [n for n in entry.nodes if n != node]
+        if (str(path), offset) in hit or any((k, unit, n) in damaged or (k, ("index", None), n) in damaged
+                                             for n in others) or (
+                unit[0] == "index" and any(d[0] == k and d[2] in others for d in damaged)):
+            continue  # keep a good copy of every sample *with* a good index beside it (readers need both)
+        hit.add((str(path), offset))
+        damaged.add((k, unit, node))
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ (1 << rng.randrange(8))]))
+        done.append({"file": str(path.relative_to(store)), "offset": offset, "sample": sample})
+    return done
+
+
+def scrub_found_every_flip(report: Any, flips: list[dict]) -> dict:
+    """How many flipped bytes a scrub report points at (its file, and its sample for a payload byte)."""
+    files = {d.file for d in report.damage}
+    samples = {(d.file, s) for d in report.damage for s in d.samples}
+    found = sum(1 for f in flips if f["file"] in files and (f["sample"] is None or (f["file"], f["sample"]) in samples))
+    return {"flipped": len(flips), "found": found, "found_pct": 100.0 * found / max(1, len(flips))}

@@ -231,6 +231,41 @@ def top(
 
 
 @app.command()
+def scrub(
+    store: Path = typer.Argument(..., help="the store directory (or, with --cluster, its cluster file's folder)"),
+    repair: bool = typer.Option(False, "--repair", help="restore damaged or missing copies from good ones"),
+    cluster: bool = typer.Option(False, "--cluster", help="scrub through the running nodes (STORE/cluster.json)"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Check every copy of every shard, index and manifest (crc32c); exit 1 if damage remains."""
+    if cluster:
+        from nearstore.node.cluster import ClusterSpec
+        from nearstore.node.maintenance import scrub_cluster
+
+        data = scrub_cluster(ClusterSpec.load(store), repair=repair)
+        for d in data["damage"]:
+            console.print(f"damaged: node {d['node']} shard {d['shard']}: {d['detail'] or d['missing']}"
+                          + (" [repaired]" if d.get("repaired") else ""))
+        remaining = [d for d in data["damage"] if not d.get("repaired")] + list(data["unreachable"].values())
+    else:
+        from nearstore.store.scrub import scrub as run_scrub
+
+        report = run_scrub(store, repair=repair)
+        data = report.to_dict()
+        for d in report.damage:
+            console.print(f"damaged: {d.file} ({d.kind}): {d.detail}" + (" [repaired]" if d.repaired else ""))
+        remaining = [d for d in report.damage if not d.repaired] + report.unrepairable
+        console.print(f"{report.copies} copies of {report.shards} shards, {report.samples_checked} samples, "
+                      f"{report.bytes_read / 1e6:.1f} MB in {report.seconds:.1f} s")
+    for u in data["unrepairable"]:
+        console.print(f"[red]cannot repair:[/red] {u}")
+    print("clean" if not data["damage"] else f"{len(data['damage'])} damaged, {len(remaining)} left")
+    write_json(json_path, data)
+    if remaining:
+        raise typer.Exit(1)
+
+
+@app.command()
 def bench(
     local: Optional[Path] = typer.Option(None, "--local", help="store to benchmark the host pipeline on"),
     cluster: Optional[Path] = typer.Option(None, "--cluster", help="cluster file (or store dir) for the "

@@ -23,8 +23,9 @@ import logging
 import re
 import threading
 import time
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -39,7 +40,8 @@ from nearstore.node.ray import RayResolver
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 from nearstore.store.manifest import Manifest
 
-__all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSource", "message_bytes"]
+__all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSource", "message_bytes", "node_client",
+           "Cancel", "RequestCancelled", "Latencies"]
 
 log = logging.getLogger(__name__)
 MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES = 2 << 20, 8 << 20
@@ -68,6 +70,95 @@ class NodeUnavailableError(NearstoreError, ConnectionError):
 
 class NodeRequestError(NearstoreError, ValueError):
     """A node refused a request (the node's message is included)."""
+
+
+class RequestCancelled(NearstoreError, RuntimeError):
+    """A request was cancelled by its caller (the losing half of a hedged pair)."""
+
+
+class Cancel:
+    """Cancels one in-flight DoGet from another thread (the loser of a hedged pair)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reader: Any = None
+        self.cancelled = False
+
+    def bind(self, reader: Any) -> None:
+        with self._lock:
+            self._reader = reader
+            if self.cancelled:
+                reader.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._reader is not None:
+                self._reader.cancel()
+
+
+class Latencies:
+    """How long recent requests took; the hedge deadline is a high percentile of them times a factor.
+
+    ``deadline()``: ``max(floor, factor x percentile)`` over the last ``window`` requests, or
+    ``initial`` until ``warmup`` requests were seen (the first requests also pay node start-up).
+    """
+
+    def __init__(self, *, percentile: float = 95.0, factor: float = 2.0, floor: float = 0.25,
+                 initial: float = 1.0, window: int = 128, warmup: int = 8) -> None:
+        if not 50.0 <= percentile <= 100.0 or factor < 1.0 or floor <= 0 or initial <= 0:
+            raise ConfigError("hedging: percentile must be in 50..100, factor >= 1, floor and initial > 0 "
+                              f"(got {percentile}, {factor}, {floor}, {initial})")
+        self.percentile, self.factor, self.floor, self.initial = percentile, factor, floor, initial
+        self.warmup = warmup
+        self._seen: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._seen.append(seconds)
+
+    def deadline(self) -> float:
+        with self._lock:
+            if len(self._seen) < self.warmup:
+                return max(self.floor, self.initial)
+            p = float(np.percentile(np.fromiter(self._seen, float), self.percentile))
+        return max(self.floor, self.factor * p)
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One request of a race: a node asked for some of the race's samples."""
+
+    node: int
+    positions: list[int]
+    future: Future
+    cancel: Cancel
+    started: float
+
+    def outcome(self) -> tuple[str, Any]:
+        """('running', None), ('ok', rows), ('down', NodeUnavailableError) or ('error', other exception)."""
+        if not self.future.done():
+            return "running", None
+        exc = self.future.exception()
+        if exc is None:
+            return "ok", self.future.result()
+        return ("down" if isinstance(exc, NodeUnavailableError) else "error"), exc
+
+
+@dataclass(eq=False)
+class _Race:
+    """A node's share of a batch, and the hedge asked of replicas once it ran past its deadline.
+
+    The first *complete* answer wins: the primary's rows, or the rows of every hedge request.
+    """
+
+    primary: _Attempt
+    deadline: float
+    hedges: list[_Attempt] = field(default_factory=list)
+    hedged: bool = False
+    primary_failed: bool = False
+    hedge_failed: bool = False
 
 
 class NodeClient:
@@ -119,25 +210,44 @@ class NodeClient:
     def manifest(self) -> Manifest:
         return Manifest.model_validate(self.action("manifest"))
 
-    def get(self, ticket: Ticket, on_message: Callable[[int], None] | None = None) -> tuple[list, int]:
+    def get(self, ticket: Ticket, on_message: Callable[[int], None] | None = None,
+            cancel: "Cancel | None" = None) -> tuple[list, int]:
         """All record batches of a DoGet and the wire bytes they took.
 
-        ``on_message(nbytes)`` is called as each record batch arrives (for rate accounting).
+        ``on_message(nbytes)`` is called as each record batch arrives (for rate accounting);
+        ``cancel.cancel()`` from another thread ends the call (``RequestCancelled``).
         """
         batches, total = [], 0
         try:
-            for chunk in self._client.do_get(flight.Ticket(ticket.encode()), self._opts):
+            reader = self._client.do_get(flight.Ticket(ticket.encode()), self._opts)
+            if cancel is not None:
+                cancel.bind(reader)
+            for chunk in reader:
                 n = wire_bytes(chunk.data)
                 batches.append(chunk.data)
                 total += n
                 if on_message is not None:
                     on_message(n)
         except (flight.FlightError, OSError) as exc:
+            if cancel is not None and cancel.cancelled:
+                raise RequestCancelled(f"request to node {self.node} cancelled") from None
             raise self._fail(exc) from None
         return batches, total
 
     def close(self) -> None:
         self._client.close()
+
+
+def node_client(spec: ClusterSpec, node: int, *, timeout: float = 60.0, uri: str | None = None) -> NodeClient:
+    """The client of node ``node`` of ``spec``: the one place a client is built from a cluster spec, so
+    every caller passes the cluster's token and TLS root certificate. ``uri``: where the node answers now,
+    when it moved since the spec was written (a restarted Ray actor)."""
+    if uri is None:
+        ep = next((e for e in spec.nodes if e.node == node), None)
+        if ep is None:
+            raise ConfigError(f"node {node} is not in the cluster (nodes {[e.node for e in spec.nodes]})")
+        uri = ep.uri
+    return NodeClient(uri, node=node, token=spec.token, timeout=timeout, tls_root_certs=spec.root_certs())
 
 
 class ClusterSource:
@@ -149,18 +259,24 @@ class ClusterSource:
 
     def __init__(self, cluster: ClusterSpec, pipeline: Pipeline, split: int | str, *, streams_per_node: int = 4,
                  timeout: float = 120.0, retry_after: float = 1.0,
-                 resolve: Callable[[int], NodeEndpoint | None] | None = None) -> None:
+                 resolve: Callable[[int], NodeEndpoint | None] | None = None, hedge: bool = True,
+                 latencies: Latencies | None = None) -> None:
         self.cluster = cluster
         self._uris = {ep.node: ep.uri for ep in cluster.nodes}  # where each node answers now
         # a node that can move (a Ray actor restarted on another port) is asked where it went
         self._resolve = resolve if resolve is not None else RayResolver(cluster) if cluster.ray_address else None
         self._watching: set[int] = set()
         self._closed = threading.Event()
+        self.hedge = hedge
+        self.latencies = latencies or Latencies()
+        self._slow: dict[int, float] = {}  # node -> when a request to it ran past the hedge deadline
+        self.hedges: list[dict] = []
+        self._closing = threading.Event()
+        self._prober = ThreadPoolExecutor(1, thread_name_prefix="nearstore-probe")
         retain_freed_memory()  # every message is a fresh multi-MB receive buffer: keep those pages mapped
         self.prefix = pipeline.resolve_split(split)
         self._ops = pipeline.to_json()[: self.prefix]
         self._timeout, self.retry_after = timeout, retry_after
-        self._root_certs = cluster.root_certs()
         self.clients = {ep.node: self._client(ep.node) for ep in cluster.nodes}
         if not self.clients:
             raise ConfigError("the cluster has no nodes")
@@ -169,7 +285,8 @@ class ClusterSource:
         per_sample = pipeline.declare(input_spec_of(self.manifest))[self.prefix].bytes or 1.0
         self._rows_per_message = max(1, int(message_bytes(cluster.link_mbps) // per_sample))
         self._firsts = np.array([s.first for s in self.manifest.shards], np.int64)
-        self._io = ThreadPoolExecutor(max(1, streams_per_node * len(self.clients)),
+        # + 2 per node: a hedged request's primary may sit on a thread until its node answers again
+        self._io = ThreadPoolExecutor(max(1, (streams_per_node + 2) * len(self.clients)),
                                       thread_name_prefix="nearstore-fetch")
         self._lock = threading.Lock()
         self.wire_bytes = 0
@@ -179,11 +296,11 @@ class ClusterSource:
         self.samples_received = 0
         self.failovers: list[dict] = []
         self.rejoined: list[dict] = []
+        self.placements: list[dict] = []  # manifests taken after a rebalance
         self.refetched = 0
 
     def _client(self, node: int, timeout: float | None = None) -> NodeClient:
-        return NodeClient(self._uris[node], node=node, token=self.cluster.token, timeout=timeout or self._timeout,
-                          tls_root_certs=self._root_certs)
+        return node_client(self.cluster, node, timeout=timeout or self._timeout, uri=self._uris.get(node))
 
     def _first_manifest(self) -> Manifest:
         errors = []
@@ -227,9 +344,11 @@ class ClusterSource:
         candidates = [n for n in entry.nodes if n in self.clients and n not in exclude]
         if not candidates:
             return None
-        for n in candidates:
-            if self._is_up(n):
-                return n
+        up = [n for n in candidates if self._is_up(n)]
+        if up:
+            with self._lock:
+                fast = [n for n in up if n not in self._slow]
+            return fast[0] if fast else up[0]  # a slow node only when no other copy answers
         with self._lock:
             why = "; ".join(f"node {n}: {self._down[n][1]}" for n in candidates if n in self._down)
         raise NodeUnavailableError(
@@ -244,27 +363,33 @@ class ClusterSource:
         problems: dict[int, list[tuple[str, str]]] = defaultdict(list)
         todo = list(range(len(ids)))
         t0 = time.monotonic()
+        refreshes = rounds = 0
         while todo:
+            rounds += 1
+            if rounds > 50:  # every round either delivers, or marks a node down or a copy bad: this never loops
+                raise NodeUnavailableError(f"gave up on {len(todo)} samples after 50 rounds of re-asking replicas "
+                                           f"({self.stats()})")
             groups: dict[int, list[int]] = defaultdict(list)
             for pos in todo:
                 node = self._node_for(shards[pos], tried[pos])
+                if node is None and refreshes < 2 and any("cannot read" in m or "missing" in m or "No such" in m
+                                                          for _, m in problems[pos]):
+                    refreshes += 1  # copies gone, not bad: a rebalance may have moved them
+                    self._refresh_manifest()
+                    tried[pos] = set()
+                    node = self._node_for(shards[pos], tried[pos])
                 if node is None:  # every copy was bad: an error for this sample, never its bytes
                     entry = self.manifest.shards[shards[pos]]
-                    key = problems[pos][-1][0]
+                    key = problems[pos][-1][0] if problems[pos] else f"#{int(ids[pos])}"
                     out[pos] = Fetched(int(ids[pos]), key, -1, entry.name, None, 0, ChecksumError(
                         f"shard {entry.name}, key {key}: no good copy on nodes {entry.nodes}: "
                         + " | ".join(msg for _, msg in problems[pos])))
                     continue
                 groups[node].append(pos)
-            futures = {node: self._io.submit(self._get, node, [int(ids[p]) for p in positions], epoch, seed)
-                       for node, positions in groups.items()}
+            races = [self._race(node, positions, ids, epoch, seed) for node, positions in groups.items()]
             todo = []
-            for node, fut in futures.items():
-                positions = groups[node]
-                try:
-                    rows = fut.result()
-                except NodeUnavailableError as exc:
-                    self._mark_down(node, exc, t0, len(positions))
+            for node, positions, rows in self._settle(races, shards, tried, ids, epoch, seed, t0):
+                if rows is None:  # no complete answer: ask again (down nodes are skipped next round)
                     todo.extend(positions)
                     continue
                 for pos, row in zip(positions, rows):
@@ -333,10 +458,174 @@ class ClusterSource:
                     ev["batch_wait_s"] = time.monotonic() - t0
                     del ev["_t0"]
 
-    def _get(self, node: int, samples: list[int], epoch: int, seed: int) -> list[Row]:
+    # -- hedged requests ------------------------------------------------------------------
+    def _attempt(self, node: int, positions: list[int], ids: np.ndarray, epoch: int, seed: int) -> _Attempt:
+        cancel = Cancel()
+        fut = self._io.submit(self._get, node, [int(ids[p]) for p in positions], epoch, seed, cancel)
+        return _Attempt(node, positions, fut, cancel, time.monotonic())
+
+    def _race(self, node: int, positions: list[int], ids: np.ndarray, epoch: int, seed: int) -> _Race:
+        a = self._attempt(node, positions, ids, epoch, seed)
+        return _Race(a, a.started + self.latencies.deadline() if self.hedge else float("inf"))
+
+    def _hedge(self, race: _Race, shards: list[int], tried: dict, ids: np.ndarray, epoch: int, seed: int) -> None:
+        """Ask other replicas for every sample of ``race``; the node it waits on is marked slow."""
+        race.hedged = True
+        slow = race.primary.node
+        by_node: dict[int, list[int]] = defaultdict(list)
+        try:
+            for pos in race.primary.positions:
+                alt = self._node_for(shards[pos], tried[pos] | {slow})
+                if alt is None:
+                    return  # a sample with no other copy: only the primary can answer
+                by_node[alt].append(pos)
+        except NodeUnavailableError:
+            return
+        self._mark_slow(slow)
+        race.hedges = [self._attempt(n, pos, ids, epoch, seed) for n, pos in by_node.items()]
+        with self._lock:
+            self.hedges.append({"node": slow, "at": time.time(), "after_s": time.monotonic() - race.primary.started,
+                                "samples": len(race.primary.positions), "replicas": sorted(by_node)})
+
+    def _settle(self, races: list[_Race], shards: list[int], tried: dict, ids: np.ndarray, epoch: int, seed: int,
+                t0: float) -> list[tuple[int, list[int], list[Row] | None]]:
+        """Wait for every race; each yields (node, positions, rows) once, from the first complete answer
+        (rows None: no answer, ask again). The loser of a won race is cancelled and its rows never used."""
+        done: list[tuple[int, list[int], list[Row] | None]] = []
+        running = list(races)
+        try:
+            while running:
+                now = time.monotonic()
+                for r in running:
+                    if not r.hedged and now >= r.deadline and not r.primary.future.done():
+                        self._hedge(r, shards, tried, ids, epoch, seed)
+                still = []
+                for r in running:
+                    result = self._outcome(r, t0)
+                    if result is None:
+                        still.append(r)
+                    else:
+                        done.extend(result)
+                running = still
+                if not running:
+                    break
+                live = [a.future for r in running for a in (r.primary, *r.hedges) if not a.future.done()]
+                waits = [r.deadline - time.monotonic() for r in running if not r.hedged]
+                wait(live, timeout=max(0.0, min(waits)) if waits else None, return_when=FIRST_COMPLETED)
+        except BaseException:
+            for r in running:
+                for a in (r.primary, *r.hedges):
+                    a.cancel.cancel()
+            raise
+        return done
+
+    def _outcome(self, r: _Race, t0: float) -> list[tuple[int, list[int], list[Row] | None]] | None:
+        """The race's result once it is decided, else None; raises a request error that is not 'down'."""
+        state, value = r.primary.outcome()
+        if state == "ok":
+            self.latencies.add(time.monotonic() - r.primary.started)
+            for h in r.hedges:
+                h.cancel.cancel()
+            self._note_hedge(r, "primary")
+            return [(r.primary.node, r.primary.positions, value)]
+        if state == "error":
+            if isinstance(value, NodeRequestError) and "does not hold" in str(value):
+                self._refresh_manifest()  # a rebalance moved the shard: re-route with the newer placement
+                return [(r.primary.node, r.primary.positions, None)]
+            raise value
+        if state == "down" and not r.primary_failed:
+            r.primary_failed = True
+            self._mark_down(r.primary.node, value, t0, len(r.primary.positions))
+        if r.hedges and not r.hedge_failed:
+            outs = [h.outcome() for h in r.hedges]
+            if all(o[0] == "ok" for o in outs):
+                for h in r.hedges:
+                    self.latencies.add(time.monotonic() - h.started)
+                r.primary.cancel.cancel()
+                self._note_hedge(r, "hedge")
+                return [(h.node, h.positions, o[1]) for h, o in zip(r.hedges, outs)]
+            for h, (st, v) in zip(r.hedges, outs):
+                if st == "error":
+                    raise v
+                if st == "down":
+                    r.hedge_failed = True
+                    self._mark_down(h.node, v, t0, len(h.positions))
+            if r.hedge_failed:
+                for h in r.hedges:
+                    h.cancel.cancel()
+        hedge_open = bool(r.hedges) and not r.hedge_failed
+        if r.primary_failed and not hedge_open:
+            return [(r.primary.node, r.primary.positions, None)]
+        return None
+
+    def _note_hedge(self, r: _Race, winner: str) -> None:
+        if r.hedges:
+            with self._lock:
+                for ev in reversed(self.hedges):
+                    if ev["node"] == r.primary.node and "won" not in ev:
+                        ev["won"] = winner
+                        ev["waited_s"] = time.monotonic() - r.primary.started
+                        break
+
+    def _refresh_manifest(self) -> None:
+        """Take the newest placement the nodes know (highest ``placement_epoch``) for the same dataset, and
+        clients for nodes added to the cluster spec since (a rebalance that grew the cluster)."""
+        for ep in list(self.cluster.nodes):
+            with self._lock:
+                if ep.node not in self.clients:
+                    self._uris.setdefault(ep.node, ep.uri)
+                    self.clients[ep.node] = self._client(ep.node)
+                    self.wire_by_node.setdefault(ep.node, 0)
+        best = self.manifest
+        for node in list(self.clients):
+            with self._lock:
+                if node in self._down or node in self._slow:
+                    continue
+            try:
+                man = self.clients[node].manifest()
+            except NearstoreError:
+                continue
+            if man.fingerprint != self.manifest.fingerprint:
+                raise NodeRequestError(f"node {node} now serves different data (fingerprint {man.fingerprint}, "
+                                       f"loader started with {self.manifest.fingerprint}); restart the loader")
+            if man.placement_epoch > best.placement_epoch:
+                best = man
+        if best is not self.manifest:
+            with self._lock:
+                self.manifest = best
+                self.placements.append({"at": time.time(), "placement_epoch": best.placement_epoch,
+                                        "nodes": best.nodes})
+
+    def _mark_slow(self, node: int) -> None:
+        with self._lock:
+            if node in self._slow or self._closing.is_set():
+                return
+            self._slow[node] = time.monotonic()
+        self._prober.submit(self._probe, node)
+
+    def _probe(self, node: int) -> None:
+        """Ask a slow node for ``health`` every ``retry_after`` seconds; it takes its shards back when it
+        answers within the hedge deadline (off the fetch path: a hung node never stalls a batch here)."""
+        while not self._closing.wait(self.retry_after):
+            limit = max(1.0, self.latencies.deadline())
+            probe = self._client(node, timeout=limit)
+            try:
+                t = time.monotonic()
+                probe.health()
+                if time.monotonic() - t <= limit:
+                    with self._lock:
+                        del self._slow[node]
+                        self.rejoined.append({"node": node, "at": time.time(), "was": "slow"})
+                    return
+            except NearstoreError:
+                pass
+            finally:
+                probe.close()
+
+    def _get(self, node: int, samples: list[int], epoch: int, seed: int, cancel: Cancel | None = None) -> list[Row]:
         t = Ticket(dataset=self.manifest.name, samples=samples, ops=self._ops, seed=seed, epoch=epoch,
                    batch_size=min(len(samples), self._rows_per_message))
-        batches, _ = self.clients[node].get(t, on_message=lambda n: self._count(node, n))
+        batches, _ = self.clients[node].get(t, on_message=lambda n: self._count(node, n), cancel=cancel)
         rows = [r for b in batches for r in decode_rows(b)]
         with self._lock:
             self.payload_bytes += sum(r.nbytes for r in rows)
@@ -359,10 +648,15 @@ class ClusterSource:
     def stats(self) -> dict:
         with self._lock:
             return {"failovers": [dict(e) for e in self.failovers], "refetched": self.refetched,
-                    "rejoined": list(self.rejoined), "down": {n: why for n, (_, why) in self._down.items()}}
+                    "rejoined": list(self.rejoined), "down": {n: why for n, (_, why) in self._down.items()},
+                    "hedges": [dict(e) for e in self.hedges], "slow": sorted(self._slow),
+                    "placements": list(self.placements),
+                    "hedge_after_s": self.latencies.deadline()}
 
     def close(self) -> None:
         self._closed.set()
+        self._closing.set()
+        self._prober.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)
         for c in self.clients.values():
             c.close()

@@ -208,11 +208,11 @@ def _await_node(store: Path, n: int, opts: NodeOptions, proc: subprocess.Popen, 
 
 
 def wait_healthy(spec: ClusterSpec, endpoints: list[NodeEndpoint], timeout: float) -> None:
-    from nearstore.node.client import NodeClient, NodeUnavailableError
+    from nearstore.node.client import NodeUnavailableError, node_client
 
     deadline = time.monotonic() + timeout
     for ep in endpoints:
-        client = NodeClient(ep.uri, node=ep.node, token=spec.token, timeout=5, tls_root_certs=spec.root_certs())
+        client = node_client(spec, ep.node, timeout=5)
         try:
             while True:
                 try:
@@ -342,6 +342,21 @@ class LocalCluster:
         self.procs[n] = proc
         self.spec.nodes[n] = ep
         wait_healthy(self.spec, [ep], timeout)
+
+    def add_node(self, n: int, timeout: float = 60.0) -> None:
+        """Start a server for node directory ``n`` (new after a rebalance) and add it to the spec."""
+        if any(ep.node == n for ep in self.spec.nodes):
+            raise ConfigError(f"node {n} is already in the cluster")
+        ep, proc = start_node(self.store, n, self._opts, timeout=timeout)
+        self.procs.append(proc)
+        self.spec.nodes.append(ep)
+        wait_healthy(self.spec, [ep], timeout)
+
+    def remove_node(self, n: int) -> None:
+        """Stop node ``n``'s server and drop it from the spec (after a rebalance moved its shards away)."""
+        at = next(i for i, ep in enumerate(self.spec.nodes) if ep.node == n)
+        _terminate([self.procs.pop(at)])
+        del self.spec.nodes[at]
 
     def stop(self) -> None:
         _terminate(self.procs)

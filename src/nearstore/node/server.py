@@ -13,6 +13,8 @@ JSON line with its port when it is ready).
 from __future__ import annotations
 
 import argparse
+import binascii
+import hmac
 import json
 import logging
 import os
@@ -36,13 +38,18 @@ from nearstore.node.cluster import read_token_file, token_from_env
 from nearstore.node.metrics import NodeCollector
 from nearstore.node.protocol import parse_ticket, wire_bytes
 from nearstore.node.workers import WORKER_KINDS, NodeWork, WorkerCrashedError, WorkerKind, WorkerPool
-from nearstore.ops.pipeline import Pipeline
+from nearstore.ops.pipeline import Pipeline, input_spec_of
+from nearstore.store.scrub import node_repair, node_scrub, node_shard_index
 
-__all__ = ["NodeServer", "LinkCap", "TokenMiddlewareFactory", "main"]
+__all__ = ["NodeServer", "LinkCap", "TokenMiddlewareFactory", "StreamLimits", "main"]
 
 MAX_PROFILE_SAMPLES = 256
 LOG_LEVEL_ENV = "NEARSTORE_LOG_LEVEL"  # the level a node process logs at when --log-level is not given
 log = logging.getLogger("nearstore.node.server")  # not __main__ when run with -m
+MAX_STREAMS_PER_CLIENT = 16  # concurrent DoGets per client connection (a loader uses at most a few per node)
+MAX_STREAMS = 64  # concurrent DoGets on the node, all clients together
+READ_AHEAD_BUDGET = 4  # record batches built ahead, per worker, shared by every open stream
+MAX_MESSAGE_BYTES = 16 << 20  # rows per record batch are cut so a batch's declared size stays under this
 
 
 class LinkCap:
@@ -80,14 +87,81 @@ class TokenMiddlewareFactory(flight.ServerMiddlewareFactory):
 
     def __init__(self, token: str) -> None:
         super().__init__()
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
     def start_call(self, info, headers):  # noqa: ANN001, ANN201
         got = headers.get("authorization") or headers.get("Authorization") or []
-        if self._expected not in got:
+        # constant time: how long a refusal takes says nothing about how much of the token was right
+        ok = False
+        for value in got:
+            ok |= hmac.compare_digest(value.encode() if isinstance(value, str) else bytes(value), self._expected)
+        if not ok:
             raise flight.FlightUnauthenticatedError(
                 "missing or wrong token: pass the node's token (cluster file, or NEARSTORE_TOKEN)")
         return None
+
+
+class StreamLimits:
+    """Admission and read-ahead for DoGet streams, so one client cannot exhaust a node.
+
+    At most ``per_client`` concurrent streams per client connection (gRPC peer) and ``total`` on the node;
+    a stream beyond either is refused at once with a message naming the limit. Record batches built
+    ahead of the client are shared out: a stream may keep ``budget // open streams`` (at least 1, at
+    most its own window) in flight, so the bytes a node buffers stay near ``budget`` batches however many
+    streams are open (and each batch's rows are cut to about ``MAX_MESSAGE_BYTES``).
+    """
+
+    def __init__(self, *, per_client: int = MAX_STREAMS_PER_CLIENT, total: int = MAX_STREAMS,
+                 budget: int = 8) -> None:
+        self.per_client, self.total, self.budget = per_client, total, budget
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.refused = 0
+
+    def admit(self, peer: str) -> "_Lease":
+        with self._lock:
+            mine, everyone = self._open.get(peer, 0), sum(self._open.values())
+            if mine >= self.per_client or everyone >= self.total:
+                self.refused += 1
+                which = (f"{mine} streams open from this client (limit {self.per_client})" if mine >= self.per_client
+                         else f"{everyone} streams open on the node (limit {self.total})")
+                raise flight.FlightUnavailableError(f"node busy: {which}; wait for a stream to finish, then retry")
+            self._open[peer] = mine + 1
+        return _Lease(self, peer)
+
+    def _release(self, peer: str) -> None:
+        with self._lock:
+            left = self._open.get(peer, 0) - 1
+            if left > 0:
+                self._open[peer] = left
+            else:
+                self._open.pop(peer, None)
+
+    def window(self, own: int) -> int:
+        """Record batches a stream may have in flight now."""
+        with self._lock:
+            streams = max(1, sum(self._open.values()))
+        return max(1, min(own, self.budget // streams))
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"open_streams": sum(self._open.values()), "clients": len(self._open), "refused": self.refused,
+                    "per_client": self.per_client, "total": self.total, "budget": self.budget}
+
+
+class _Lease:
+    """One admitted stream; released when its generator ends, or when it is dropped unstarted."""
+
+    def __init__(self, limits: StreamLimits, peer: str) -> None:
+        self._limits, self._peer, self._done = limits, peer, False
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._limits._release(self._peer)
+
+    def __del__(self) -> None:
+        self.release()
 
 
 class _Stats:
@@ -146,6 +220,9 @@ class NodeServer(flight.FlightServerBase):
         self.link = LinkCap(link_bytes_per_s)
         self.stats = _Stats()
         self.allow_shutdown = allow_shutdown
+        self.limits = StreamLimits(budget=READ_AHEAD_BUDGET * workers)
+        self._manifest_stamp: tuple[int, int] | None = None
+        self._follow_manifest()
         self.pool = WorkerPool(self.work, workers=workers, kind=worker_kind)  # ready before the first call
         try:
             super().__init__(f"{scheme}://{host}:{port}", middleware=middleware, tls_certificates=certs)
@@ -180,7 +257,21 @@ class NodeServer(flight.FlightServerBase):
                 self.stats.errors_by_kind[k] = self.stats.errors_by_kind.get(k, 0) + v
 
     # -- Flight methods ------------------------------------------------------------
+    def _follow_manifest(self) -> None:
+        """Reload this node's manifest when a rebalance replaced it (one stat per request)."""
+        try:
+            st = os.stat(Path(self.store.path) / "manifest.json")
+        except OSError:
+            return
+        stamp = (st.st_ino, st.st_mtime_ns)
+        if stamp != self._manifest_stamp:
+            with self.stats.lock:
+                if stamp != self._manifest_stamp:
+                    self._manifest_stamp = stamp
+                    self.store.reload_manifest()
+
     def do_get(self, context, ticket):  # noqa: ANN001, ANN201
+        self._follow_manifest()
         try:
             t = parse_ticket(ticket.ticket)
             self._check_dataset(t.dataset)
@@ -196,15 +287,18 @@ class NodeServer(flight.FlightServerBase):
             if not self.store.holds(s):
                 raise self._bad(f"sample {sid} lives in shard {self.store.manifest.shards[s].name}, which node "
                                 f"{self.node_id} does not hold (nodes {self.store.manifest.shards[s].nodes} do)")
+        lease = self.limits.admit(context.peer())
         with self.stats.lock:
             self.stats.requests += 1
         if log.isEnabledFor(logging.DEBUG):  # context.peer() is not free: only when the line is written
             log.debug("node %s: %d samples, %d ops, epoch %d, from %s", self.node_id, len(ids), len(t.ops), t.epoch,
                       context.peer())
-        return flight.GeneratorStream(schema, self._stream(t.ops, t.seed, t.epoch, ids, t.batch_size, context))
+        per_row = self.work.pipeline(t.ops).declare(input_spec_of(self.store.manifest))[-1].bytes or 1.0
+        rows = max(1, min(t.batch_size, int(MAX_MESSAGE_BYTES // per_row)))
+        return flight.GeneratorStream(schema, self._stream(t.ops, t.seed, t.epoch, ids, rows, context, lease))
 
     def _stream(self, ops: list, seed: int, epoch: int, ids: list[int], batch_size: int,
-                context) -> Iterator[pa.RecordBatch]:  # noqa: ANN001
+                context, lease: _Lease) -> Iterator[pa.RecordBatch]:  # noqa: ANN001
         """Record batches of ``batch_size`` rows, built on the workers a few ahead, sent in order."""
         chunks = iter([ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
         pending: deque[Future] = deque()
@@ -213,7 +307,7 @@ class NodeServer(flight.FlightServerBase):
         try:
             for chunk in chunks:
                 pending.append(self.pool.submit(ops, chunk, seed, epoch))
-                if len(pending) >= 2 * self.workers:
+                if len(pending) >= self.limits.window(2 * self.workers):
                     break
             while pending:
                 try:
@@ -228,8 +322,10 @@ class NodeServer(flight.FlightServerBase):
                     log.error("node %s: request failed: %s", self.node_id, exc)
                     raise flight.FlightServerError(f"node {self.node_id}: {exc}") from None
                 self._add(delta)
-                nxt = next(chunks, None)
-                if nxt is not None:
+                while len(pending) < self.limits.window(2 * self.workers):
+                    nxt = next(chunks, None)
+                    if nxt is None:
+                        break
                     pending.append(self.pool.submit(ops, nxt, seed, epoch))
                 size = wire_bytes(batch)
                 waited = self.link.send(size)
@@ -244,6 +340,7 @@ class NodeServer(flight.FlightServerBase):
         finally:
             with self.stats.lock:
                 self.stats.in_flight -= 1
+            lease.release()
             for f in pending:
                 self.pool.discard(f, account=self._add)
 
@@ -256,11 +353,15 @@ class NodeServer(flight.FlightServerBase):
         return [("health", "liveness and what this node holds"), ("stats", "counters since start"),
                 ("manifest", "the store's manifest"),
                 ("profile", "run an op chain on n samples: per-stage seconds and output bytes"),
+                ("scrub", "check every copy this node holds (indexes, samples, tar bytes)"),
+                ("shard_index", "this node's verified index of a shard (base64), for a repair elsewhere"),
+                ("repair", "rebuild this node's copy of a shard from its good samples and the ones sent"),
                 ("shutdown", "stop the server (only with --allow-shutdown)"), *derive.ACTIONS.items()]
 
     def do_action(self, context, action):  # noqa: ANN001, ANN201
         kind = action.type
         body = action.body.to_pybytes() if action.body is not None else b""
+        self._follow_manifest()
         if kind in derive.ACTIONS:  # jobs and queries (node/derive.py)
             yield from self._derived(kind, body)
             return
@@ -273,11 +374,13 @@ class NodeServer(flight.FlightServerBase):
                       "slowdown": self.slowdown,
                       "pid": os.getpid()}
         elif kind == "stats":
-            result = {**self.stats.snapshot(), "cpu_seconds": self.pool.cpu_seconds()}
+            result = {**self.stats.snapshot(), "cpu_seconds": self.pool.cpu_seconds(), "streams": self.limits.snapshot()}
         elif kind == "manifest":
             result = json.loads(self.store.manifest.dumps())
         elif kind == "profile":
             result = self._profile(body)
+        elif kind in ("scrub", "shard_index", "repair"):
+            result = self._maintenance(kind, body)
         elif kind == "shutdown":
             if not self.allow_shutdown:
                 raise self._bad("shutdown is not allowed on this node (start it with --allow-shutdown)")
@@ -300,6 +403,24 @@ class NodeServer(flight.FlightServerBase):
             raise self._bad(f"{kind}: {exc}") from None
         for r in results:
             yield flight.Result(r)
+
+    def _maintenance(self, kind: str, body: bytes) -> dict:
+        """Scrub and repair through the node (``nearstore scrub --cluster``): no shell access to hosts needed."""
+        try:
+            req = json.loads(body or b"{}")
+            if not isinstance(req, dict):
+                raise ValueError(f"{kind} body must be a JSON object")
+            man = self.store.manifest
+            if kind == "scrub":
+                return {"node": self.node_id, "copies": node_scrub(self.store)}
+            entry = next((e for e in man.shards if e.name == req.get("shard")), None)
+            if entry is None or not self.store.holds(man.shards.index(entry)):
+                raise ValueError(f"shard {str(req.get('shard'))[:80]!r} is not held by node {self.node_id}")
+            if kind == "shard_index":
+                return {"node": self.node_id, "index": node_shard_index(self.store, entry)}
+            return {"node": self.node_id, **node_repair(self.store, entry, req)}
+        except (ValueError, TypeError, NearstoreError, binascii.Error) as exc:
+            raise self._bad(f"bad {kind} request: {exc}") from None
 
     def _profile(self, body: bytes) -> dict:
         try:

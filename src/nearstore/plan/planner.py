@@ -256,7 +256,7 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
     not count; the loader's start-up is not counted either.
     """
     from nearstore.loader.loader import Loader
-    from nearstore.node.client import NodeClient
+    from nearstore.node.client import node_client
 
     n = int(min(512, max(64, 48e6 / m.wire_bytes(k))))
     lags: list[float] = []
@@ -269,8 +269,7 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
             lags.append(time.perf_counter() - t0 - 0.02)
 
     prober = threading.Thread(target=probe, name="nearstore-plan-probe", daemon=True)
-    clients = [NodeClient(ep.uri, node=ep.node, token=spec.token, tls_root_certs=spec.root_certs())
-               for ep in spec.nodes]
+    clients = [node_client(spec, ep.node) for ep in spec.nodes]
     try:
         # the loader that will run: its batch size and prefetch (per-batch work is amortized over the batch)
         with Loader(cluster=spec, pipeline=pipeline, split=k, batch_size=m.batch_size,

@@ -194,13 +194,24 @@ class ShardReader:
             )
         fd = os.open(tar_path, os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
+            stat = os.fstat(fd)
+            size = stat.st_size
+            self._identity = (stat.st_dev, stat.st_ino)
             self.index = ShardIndex.load(tar_path.with_name(tar_path.name[: -len(".tar")] + ".idx.arrow"),
                                          tar_size=size, expected_crc=index_crc32c)
             self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
         finally:
             os.close(fd)
         self._view = memoryview(self._map) if self._map is not None else memoryview(b"")
+
+    def replaced(self) -> bool:
+        """Whether the file at ``tar_path`` is no longer the one mapped (a repair or rebalance renamed a new
+        file over it): the caller should open it again."""
+        try:
+            stat = os.stat(self.tar_path)
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) != self._identity
 
     def read(self, i: int) -> memoryview:
         """Bytes of sample ``i``; raises ChecksumError (naming shard and key) on mismatch."""

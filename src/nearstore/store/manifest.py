@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,8 @@ __all__ = ["MANIFEST_NAME", "ShardEntry", "Manifest", "node_dir_name", "placemen
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+# a shard name becomes a file name inside a node directory: no separators, no leading dot (so no '..')
+SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
 def node_dir_name(node: int) -> str:
@@ -40,7 +43,7 @@ def placement(shard: int, *, nodes: int, replicas: int) -> list[int]:
 class ShardEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str = Field(pattern=SHARD_NAME_RE.pattern)
     samples: int = Field(ge=0)
     first: int = Field(ge=0, description="global id of the shard's first sample")
     tar_bytes: int = Field(ge=0)
@@ -64,10 +67,13 @@ class Manifest(BaseModel):
     mean_height: float
     mean_payload_bytes: float
     shards: list[ShardEntry]
+    placement_epoch: int = Field(0, ge=0, description="counts placement changes (rebalance); newest wins")
     checksum: int | None = Field(None, description="crc32c of the manifest's JSON without this field")
 
     def body_crc32c(self) -> int:
-        return crc32c(self.model_dump_json(exclude={"checksum"}).encode())
+        # placement_epoch 0 is left out: manifests sealed before the field existed still verify
+        skip = {"checksum"} | ({"placement_epoch"} if self.placement_epoch == 0 else set())
+        return crc32c(self.model_dump_json(exclude=skip).encode())
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":

@@ -13,7 +13,21 @@ from nearstore.core.errors import ChecksumError, StoreError
 from nearstore.store.format import ShardReader
 from nearstore.store.manifest import Manifest, node_dir_name
 
-__all__ = ["Store", "SampleRef"]
+__all__ = ["Store", "SampleRef", "contained"]
+
+
+def contained(base: Path, *paths: Path) -> None:
+    """Refuse to read a file that resolves (symlinks, '..') outside the node directory ``base``.
+
+    Shard names are checked when a manifest loads; this also stops a symlink planted in a node
+    directory from making a node serve a file elsewhere on its host.
+    """
+    root = base.resolve()
+    for p in paths:
+        real = p.resolve()
+        if not real.is_relative_to(root):
+            raise StoreError(f"{p} resolves to {real}, outside its node directory {root}: refused (a symlink or "
+                             "'..' in the store); replace it with the real file")
 
 
 class SampleRef:
@@ -57,6 +71,18 @@ class Store:
         st._node_local = True
         return st
 
+    def reload_manifest(self) -> bool:
+        """Take the manifest on disk if it changed and describes the same dataset (a rebalance moved
+        shards); returns whether it changed. Open shard readers stay valid: shard files never change."""
+        try:
+            man = Manifest.load(self.path)
+        except StoreError:
+            return False  # mid-write or removed: keep the one we have
+        if man.fingerprint != self.manifest.fingerprint or man == self.manifest:
+            return False
+        self.manifest = man
+        return True
+
     @property
     def node_id(self) -> int | None:
         return next(iter(self._nodes)) if self._node_local and self._nodes else None
@@ -86,6 +112,10 @@ class Store:
     def _open(self, shard: int) -> ShardReader:
         entry = self.manifest.shards[shard]
         candidates = [n for n in entry.nodes if self._nodes is None or n in self._nodes]
+        if self._node_local and self._nodes:
+            # a node reads whatever copy its directory has: a rebalance may have moved the shard here after
+            # this manifest was read (the node server checks placement against its current manifest)
+            candidates = list(self._nodes)
         if not candidates:
             raise StoreError(f"shard {entry.name} is not held by nodes {sorted(self._nodes or [])}")
         errors: list[StoreError] = []
@@ -93,6 +123,7 @@ class Store:
             base = self.path if self._node_local else self.path / node_dir_name(n)
             path = base / f"{entry.name}.tar"
             try:
+                contained(base, path, path.with_name(f"{entry.name}.idx.arrow"))
                 return ShardReader(path, shard=entry.name, index_crc32c=entry.index_crc32c)
             except StoreError as exc:
                 errors.append(exc)
@@ -112,7 +143,20 @@ class Store:
         try:
             return r.read(i), ref
         except ChecksumError as first:
+            if r.replaced():  # repaired since it was opened (scrub --repair renames a good copy over it)
+                fresh = self._reopen(s, r)
+                try:
+                    return fresh.read(i), ref
+                except ChecksumError as again:
+                    return self._read_replica(s, i, fresh, again), ref
             return self._read_replica(s, i, r, first), ref
+
+    def _reopen(self, shard: int, old: ShardReader) -> ShardReader:
+        """Open ``shard`` again; the old reader stays valid for samples already handed out."""
+        with self._lock:
+            if self._readers.get(shard) is old:
+                del self._readers[shard]
+        return self.reader(shard)
 
     def _read_replica(self, shard: int, i: int, bad: ShardReader, first: ChecksumError) -> memoryview:
         entry = self.manifest.shards[shard]
@@ -124,6 +168,7 @@ class Store:
             if path == bad.tar_path:
                 continue
             try:
+                contained(path.parent, path, path.with_name(f"{entry.name}.idx.arrow"))
                 with self._lock:
                     alt = self._alternates.get((shard, n))
                     if alt is None:
