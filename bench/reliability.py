@@ -1,11 +1,15 @@
-"""Reliability runs (issue 4): `python bench/reliability.py [--quick] --json PATH`.
+"""Reliability runs (issues 4, 15): `python bench/reliability.py [--quick] [--only A,B] --json PATH`, and the
+chaos soak: `python bench/reliability.py --chaos [--seconds 600] [--seed 0] --json PATH`.
 
 The long versions of the fault tests, with their figures recorded for
 docs/reliability.md: SIGKILL failover (samples lost, duplicates, bit-identical,
 stall), flipped bytes, ticket fuzzing against a live node (10,000 cases),
 damaged store files, ingest killed at random points (25 times), and 8
 concurrent loaders against 2 nodes (fairness, node peak RSS). ``--quick`` (CI)
-runs each with small counts to check the code, not the figures.
+runs each with small counts to check the code, not the figures. Issue 15 adds
+a hung node (SIGSTOP: stall, lost, duplicated, bits), scrub of 100 flipped
+bytes (found, repaired, read back), a rebalance 3 -> 4 -> 2 nodes while a
+loader reads, and the chaos soak (every fault at once, seeded).
 """
 
 from __future__ import annotations
@@ -19,8 +23,19 @@ import time
 from pathlib import Path
 
 from nearstore import Loader, standard_train
-from nearstore.bench.faults import (batch_digests, copy_store, failover_run, fuzz_readers, fuzz_tickets,
-                                    ingest_kill_loop, load_run)
+import hashlib
+import os
+import signal
+import threading
+
+import numpy as np
+import psutil
+
+from nearstore.bench.faults import (batch_digests, chaos_run, copy_store, failover_run, flip_bytes, fuzz_readers,
+                                    fuzz_tickets, ingest_kill_loop, load_run, scrub_found_every_flip)
+from nearstore.core.checksum import crc32c
+from nearstore.store.rebalance import rebalance
+from nearstore.store.scrub import scrub
 from nearstore.node import LocalCluster
 from nearstore.store import Store
 from nearstore.store.ingest import ingest
@@ -71,11 +86,178 @@ def integrity(store: Path, work: Path, flips: int) -> dict:
     return out
 
 
+def hung_node(store: Path, *, step_s: float, batch_size: int = 16) -> dict:
+    """One clean epoch, then the same epoch with node 0 and its workers SIGSTOPped mid-epoch (SIGCONT after)."""
+    out: dict = {}
+    with LocalCluster(store) as c:
+        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=batch_size, seed=5) as ld:
+            ld.source.retry_after = 0.5
+
+            def timed(hook=None) -> tuple[list, list[float]]:  # noqa: ANN001
+                digests, waits, t = [], [], time.perf_counter()
+                for i, b in enumerate(ld):
+                    waits.append(time.perf_counter() - t)
+                    h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes())
+                    h.update(b.labels.tobytes())
+                    digests.append((list(b.keys), h.hexdigest()))
+                    if hook:
+                        hook(i)
+                    time.sleep(step_s)  # a training step
+                    t = time.perf_counter()
+                return digests, waits
+
+            clean, clean_waits = timed()
+            stopped: list[int] = []
+
+            def stop(i: int) -> None:
+                if i == len(clean) // 3:
+                    p = psutil.Process(c.procs[0].pid)
+                    stopped.extend([p.pid] + [x.pid for x in p.children(recursive=True)])
+                    for pid in stopped:
+                        os.kill(pid, signal.SIGSTOP)
+
+            ld.epoch = 0
+            try:
+                faulty, waits = timed(stop)
+            finally:
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+            stats = ld.source.stats()
+            t0 = time.monotonic()
+            while ld.source.stats()["slow"] and time.monotonic() - t0 < 30:
+                time.sleep(0.1)
+            out["slow_cleared_after_cont_s"] = time.monotonic() - t0
+            sent = ld.source.wire_by_node[0]
+            ld.epoch = 0
+            again, _ = timed()
+            out["node_used_again"] = ld.source.wire_by_node[0] > sent and again == clean
+    keys = [k for ks, _ in faulty for k in ks]
+    expected = [k for ks, _ in clean for k in ks]
+    median = float(np.median(clean_waits))
+    stall = max(waits) - median
+    out.update({"samples": len(expected), "delivered": len(keys), "lost": len(set(expected) - set(keys)),
+                "duplicates": len(keys) - len(set(keys)), "bit_identical": faulty == clean,
+                "processes_stopped": len(stopped), "hedges": len(stats["hedges"]),
+                "hedges_won_by_replica": sum(1 for h in stats["hedges"] if h.get("won") == "hedge"),
+                "hedge_after_s": [round(h["after_s"], 3) for h in stats["hedges"]],
+                "extra_stall_s": stall, "median_batch_s": median, "bound_s": max(1.0, 3 * median),
+                "within_bound": stall <= max(1.0, 3 * median)})
+    return out
+
+
+def scrub_figure(store: Path, work: Path, flips: int) -> dict:
+    """``flips`` flipped bytes across the replicas: found by scrub, repaired, a second scrub clean."""
+    copy = copy_store(store, work / "scrub")
+    st = Store(copy)
+    original = [crc32c(st.read(i)[0]) for i in range(len(st))]
+    st.close()
+    hit = flip_bytes(copy, flips, seed=17, index_share=0.1)
+    first = scrub(copy)
+    found = scrub_found_every_flip(first, hit)
+    fixed = scrub(copy, repair=True)
+    second = scrub(copy)
+    st = Store(copy)
+    after = [crc32c(st.read(i)[0]) for i in range(len(st))]
+    st.close()
+    return {**found, "damaged_files": len(first.damage), "repaired_copies": fixed.repaired,
+            "unrepairable": len(fixed.unrepairable), "second_scrub_damage": len(second.damage),
+            "samples_read_back_with_original_crc": sum(a == b for a, b in zip(after, original)),
+            "samples": len(original), "scrub_seconds": first.seconds, "repair_seconds": fixed.seconds}
+
+
+def rebalance_figure(src: Path, work: Path, *, step_s: float) -> dict:
+    """3 -> 4 -> 2 nodes while a loader reads epoch after epoch; every epoch checked against local reads."""
+    store = work / "rebal"
+    ingest(src, store, nodes=3, replicas=2, shard_size=512 << 10)
+    with Loader(store=store, pipeline=PIPE, batch_size=16, seed=2) as ld:
+        per_epoch = len(ld)
+    epochs: list[list] = []
+    errors: list[str] = []
+    done = threading.Event()
+    with LocalCluster(store) as c, Loader(cluster=c, pipeline=PIPE, split="node", batch_size=16, seed=2) as ld:
+        def read() -> None:
+            try:
+                cur: list = []
+                for b in ld.epochs(None):
+                    h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes())
+                    h.update(b.labels.tobytes())
+                    cur.append((b.epoch, list(b.keys), h.hexdigest()))
+                    if len(cur) == per_epoch:
+                        epochs.append(cur)
+                        cur = []
+                        if done.is_set():
+                            return
+                    time.sleep(step_s)
+            except Exception as exc:  # noqa: BLE001 - counted
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        t = threading.Thread(target=read)
+        t.start()
+        try:
+            time.sleep(2)
+            r1 = rebalance(store, 4, grace=1.0, on_stage=lambda st, m: c.add_node(3) if st == "widened" else None)
+            r2 = rebalance(store, 2, grace=1.0,
+                           on_stage=lambda st, m: (c.remove_node(3), c.remove_node(2)) if st == "swept" else None)
+            n = len(epochs)
+            while len(epochs) < n + 1 and t.is_alive():
+                time.sleep(0.2)
+        finally:
+            done.set()
+            t.join(300)
+        placements = ld.source.stats()["placements"]
+    lost = dup = differing = 0
+    with Loader(store=store, pipeline=PIPE, batch_size=16, seed=2) as ref:
+        for got in epochs:
+            e = got[0][0]
+            ref.epoch = e
+            want = batch_digests(ref)[0]
+            keys = [k for _, ks, _ in got for k in ks]
+            lost += len({k for ks, _ in want for k in ks} - set(keys))
+            dup += len(keys) - len(set(keys))
+            differing += sum((ks, h) != tuple(w) for (_, ks, h), w in zip(got, want))
+    return {"epochs_read": len(epochs), "errors": errors, "lost": lost, "duplicated": dup, "differing_batches": differing,
+            "copies_made": [r1.copies_made, r2.copies_made], "copies_removed": [r1.copies_removed, r2.copies_removed],
+            "rebalance_seconds": [r1.seconds, r2.seconds], "loader_took_placements": len(placements)}
+
+
+def chaos(args: argparse.Namespace) -> int:
+    seconds = args.seconds or (45.0 if args.quick else 600.0)
+    with tempfile.TemporaryDirectory(prefix="nearstore-chaos-") as tmp:
+        work = Path(tmp)
+        n = 120 if args.quick else 240
+        log(f"chaos: {n} images, 3 nodes x 2 replicas, 2 loaders, {seconds:.0f} s, seed {args.seed}")
+        synth_folder(work / "img", SynthSpec(n=n, seed=31, classes=8), workers=2)
+        store = work / "store"
+        ingest(work / "img", store, nodes=3, replicas=2, shard_size=256 << 10)
+        res = chaos_run(store, work, seconds=seconds, seed=args.seed, log=log)
+    res["quick"] = args.quick
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=1))
+    log(f"delivered {res['delivered']}, lost {res['lost']}, duplicated {res['duplicated']}, differing "
+        f"{res['differing']}, errors {res['errors']}, worst stall {res['worst_stall_s']:.2f} s; faults {res['faults']}")
+    ok = res["lost"] == 0 and res["duplicated"] == 0 and res["differing"] == 0 and res["errors"] == 0 \
+        and res["final_scrub_clean"] and res["flips_found"] == res["flipped"]
+    print("chaos:", "all guarantees held" if ok else "A GUARANTEE FAILED (see the JSON)")
+    return 0 if ok else 1
+
+
+SECTIONS = ("failover", "integrity", "fuzz", "files", "kills", "load", "hung", "scrub", "rebalance")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    ap.add_argument("--chaos", action="store_true", help="run the chaos soak instead (>= 10 minutes; --quick: 45 s)")
+    ap.add_argument("--seconds", type=float, default=None, help="chaos soak length")
+    ap.add_argument("--seed", type=int, default=0, help="chaos soak seed (replays the same faults)")
     args = ap.parse_args(argv)
+    if args.chaos:
+        return chaos(args)
+    only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        ap.error(f"--only: unknown sections {sorted(only - set(SECTIONS))}; choose from {SECTIONS}")
     q = args.quick
     n_images = 96 if q else 480
     res: dict = {"quick": q, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -87,65 +269,103 @@ def main(argv: list[str] | None = None) -> int:
         store = work / "store"
         ingest(work / "img", store, nodes=2, replicas=2, shard_size=2 << 20)
 
-        log("failover: SIGKILL a node mid-epoch")
-        runs = []
-        for trial, (cap, kill_after) in enumerate([(None, 3), (25.0, 3), (None, 10), (25.0, 10)][: 2 if q else 4]):
-            with LocalCluster(store, link_mbps=cap) as c:
-                r = failover_run(c, PIPE, kill_node=trial % 2, kill_after=kill_after, batch_size=16)
-            runs.append({"link_mbps": cap, "kill_after_batches": kill_after, **r})
-            log(f"  cap {cap}: lost {r['lost']}, dup {r['duplicates']}, identical {r['bit_identical']}, "
-                f"stall {r['stall_s']:.2f} s (median batch {r['median_batch_s']:.2f} s)")
-        res["failover"] = runs
+        if "failover" in only:
+            log("failover: SIGKILL a node mid-epoch")
+            runs = []
+            for trial, (cap, kill_after) in enumerate([(None, 3), (25.0, 3), (None, 10), (25.0, 10)][: 2 if q else 4]):
+                with LocalCluster(store, link_mbps=cap) as c:
+                    r = failover_run(c, PIPE, kill_node=trial % 2, kill_after=kill_after, batch_size=16)
+                runs.append({"link_mbps": cap, "kill_after_batches": kill_after, **r})
+                log(f"  cap {cap}: lost {r['lost']}, dup {r['duplicates']}, identical {r['bit_identical']}, "
+                    f"stall {r['stall_s']:.2f} s (median batch {r['median_batch_s']:.2f} s)")
+            res["failover"] = runs
 
-        log("integrity: flipped bytes")
-        res["integrity"] = integrity(store, work, flips=4 if q else 24)
-        log(f"  {res['integrity']}")
+        if "integrity" in only:
+            log("integrity: flipped bytes")
+            res["integrity"] = integrity(store, work, flips=4 if q else 24)
+            log(f"  {res['integrity']}")
 
-        cases = 300 if q else 10_000
-        log(f"fuzzing tickets: {cases} cases against a live node")
-        with LocalCluster(store, nodes=1) as c:
-            from nearstore.store import Manifest
+        if "fuzz" in only:
+            cases = 300 if q else 10_000
+            log(f"fuzzing tickets: {cases} cases against a live node")
+            with LocalCluster(store, nodes=1) as c:
+                from nearstore.store import Manifest
 
-            man = Manifest.load(store)
-            t0 = time.perf_counter()
-            r = fuzz_tickets(c.spec.nodes[0].uri, man.name, man.num_samples, cases=cases, seed=7)
-            r["seconds"] = time.perf_counter() - t0
-            r["node_alive"] = c.procs[0].poll() is None
-        res["fuzz_tickets"] = r
-        log(f"  served {r['served']}, rejected {r['rejected']}, crashes {r['crashes']}, "
-            f"good request after: {r['good_request_after']}")
+                man = Manifest.load(store)
+                t0 = time.perf_counter()
+                r = fuzz_tickets(c.spec.nodes[0].uri, man.name, man.num_samples, cases=cases, seed=7)
+                r["seconds"] = time.perf_counter() - t0
+                r["node_alive"] = c.procs[0].poll() is None
+            res["fuzz_tickets"] = r
+            log(f"  served {r['served']}, rejected {r['rejected']}, crashes {r['crashes']}, "
+                f"good request after: {r['good_request_after']}")
 
-        for replicas in (1, 2):
-            files_store = work / f"fuzz-r{replicas}"
-            ingest(work / "img2", files_store, nodes=2, replicas=replicas, shard_size=1 << 20)
-            cases = 100 if q else 1500
-            log(f"fuzzing store files ({replicas} replica(s)): {cases} cases")
-            r = fuzz_readers(files_store, cases=cases, seed=3 + replicas)
-            res[f"fuzz_files_r{replicas}"] = r
-            log(f"  clean {r['clean']}, rejected {r['rejected']}, wrong {r['wrong']}, crashes {r['crashes']}")
+        if "files" in only:
+            for replicas in (1, 2):
+                files_store = work / f"fuzz-r{replicas}"
+                ingest(work / "img2", files_store, nodes=2, replicas=replicas, shard_size=1 << 20)
+                cases = 100 if q else 1500
+                log(f"fuzzing store files ({replicas} replica(s)): {cases} cases")
+                r = fuzz_readers(files_store, cases=cases, seed=3 + replicas)
+                res[f"fuzz_files_r{replicas}"] = r
+                log(f"  clean {r['clean']}, rejected {r['rejected']}, wrong {r['wrong']}, crashes {r['crashes']}")
 
-        kills = 3 if q else 25
-        log(f"ingest kill loop: {kills} kills")
-        kill_store = work / "kill"
-        ingest(work / "img2", kill_store, nodes=2, replicas=2, shard_size=200_000)
-        res["ingest_kills"] = ingest_kill_loop([work / "img", work / "img2"], kill_store, kills=kills, seed=9,
-                                               max_delay=3.0)
-        log(f"  {res['ingest_kills']}")
+        if "kills" in only:
+            kills = 3 if q else 25
+            log(f"ingest kill loop: {kills} kills")
+            kill_store = work / "kill"
+            ingest(work / "img2", kill_store, nodes=2, replicas=2, shard_size=200_000)
+            res["ingest_kills"] = ingest_kill_loop([work / "img", work / "img2"], kill_store, kills=kills, seed=9,
+                                                   max_delay=3.0)
+            log(f"  {res['ingest_kills']}")
 
-        loaders, seconds = (4, 4.0) if q else (8, 30.0)
-        log(f"load: {loaders} loaders x {seconds:.0f} s against 2 nodes")
-        with LocalCluster(store) as c:
-            res["load"] = load_run(c, loaders=loaders, seconds=seconds)
-        log(f"  max/min {res['load']['max_over_min']:.2f}, rates {[round(x, 1) for x in res['load']['samples_per_s']]}"
-            f", node peak RSS {[x >> 20 for x in res['load']['node_peak_rss_bytes']]} MiB")
+        if "load" in only:
+            loaders, seconds = (4, 4.0) if q else (8, 30.0)
+            log(f"load: {loaders} loaders x {seconds:.0f} s against 2 nodes")
+            with LocalCluster(store) as c:
+                res["load"] = load_run(c, loaders=loaders, seconds=seconds)
+            log(f"  max/min {res['load']['max_over_min']:.2f}, rates {[round(x, 1) for x in res['load']['samples_per_s']]}"
+                f", node peak RSS {[x >> 20 for x in res['load']['node_peak_rss_bytes']]} MiB")
+
+        if "hung" in only:
+            log("hung node: SIGSTOP a node and its workers mid-epoch")
+            res["hung_node"] = [hung_node(store, step_s=step) for step in ((0.05,) if q else (0.0, 0.05, 0.2))]
+            for r in res["hung_node"]:
+                log(f"  extra stall {r['extra_stall_s']:.2f} s (bound {r['bound_s']:.2f}), lost {r['lost']}, dup "
+                    f"{r['duplicates']}, identical {r['bit_identical']}, hedges {r['hedges']}, used again "
+                    f"{r['node_used_again']}")
+
+        if "scrub" in only:
+            flips = 20 if q else 100
+            log(f"scrub: {flips} flipped bytes across replicas")
+            res["scrub"] = scrub_figure(store, work, flips)
+            log(f"  {res['scrub']}")
+
+        if "rebalance" in only:
+            log("rebalance 3 -> 4 -> 2 nodes while a loader reads")
+            res["rebalance"] = rebalance_figure(work / "img", work, step_s=0.05)
+            log(f"  {res['rebalance']}")
+
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1))
-    ok = (all(r["lost"] == 0 and r["duplicates"] == 0 and r["bit_identical"] for r in res["failover"])
-          and all(v for k, v in res["integrity"].items() if k.endswith("identical"))
-          and res["fuzz_tickets"]["crashes"] == 0 and res["fuzz_tickets"]["good_request_after"]
-          and all(res[f"fuzz_files_r{r}"]["crashes"] == 0 and res[f"fuzz_files_r{r}"]["wrong"] == 0 for r in (1, 2))
-          and res["ingest_kills"]["inconsistent"] == 0 and not res["load"]["errors"])
-    print("reliability:", "all guarantees held" if ok else "A GUARANTEE FAILED (see the JSON)")
+    checks = {
+        "failover": lambda r: all(x["lost"] == 0 and x["duplicates"] == 0 and x["bit_identical"] for x in r),
+        "integrity": lambda r: all(v for k, v in r.items() if k.endswith("identical")),
+        "fuzz_tickets": lambda r: r["crashes"] == 0 and r["good_request_after"],
+        "fuzz_files_r1": lambda r: r["crashes"] == 0 and r["wrong"] == 0,
+        "fuzz_files_r2": lambda r: r["crashes"] == 0 and r["wrong"] == 0,
+        "ingest_kills": lambda r: r["inconsistent"] == 0,
+        "load": lambda r: not r["errors"],
+        "hung_node": lambda r: all(x["lost"] == 0 and x["duplicates"] == 0 and x["bit_identical"]
+                                   and x["node_used_again"] for x in r),
+        "scrub": lambda r: r["found"] == r["flipped"] and r["second_scrub_damage"] == 0
+        and r["samples_read_back_with_original_crc"] == r["samples"],
+        "rebalance": lambda r: not r["errors"] and r["lost"] == 0 and r["duplicated"] == 0
+        and r["differing_batches"] == 0,
+    }
+    failed = [k for k, check in checks.items() if k in res and not check(res[k])]
+    ok = not failed
+    print("reliability:", "all guarantees held" if ok else f"A GUARANTEE FAILED: {failed} (see the JSON)")
     return 0 if ok else 1
 
 

@@ -126,7 +126,9 @@ def test_rebalance_3_to_4_to_2_while_a_loader_reads(store3, tmp_path):
                                 return
                         time.sleep(0.05)  # a training step
                 except BaseException as exc:  # noqa: BLE001 - reported by the test
-                    errors.append(exc)
+                    import traceback
+
+                    errors.append(f"{exc!r}: {traceback.format_exc()}")
 
             t = threading.Thread(target=read)
             t.start()

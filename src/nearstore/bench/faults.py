@@ -29,7 +29,7 @@ import numpy as np
 from nearstore.core.errors import NearstoreError
 
 __all__ = ["failover_run", "fuzz_tickets", "fuzz_readers", "ingest_kill_loop", "load_run", "batch_digests",
-           "peak_rss", "copy_store", "flip_bytes", "scrub_found_every_flip"]
+           "peak_rss", "copy_store", "flip_bytes", "scrub_found_every_flip", "chaos_run"]
 
 
 def batch_digests(loader: Any, *, epoch_hook: Any = None) -> tuple[list[tuple[list[str], str]], list[float]]:
@@ -415,3 +415,203 @@ def scrub_found_every_flip(report: Any, flips: list[dict]) -> dict:
     samples = {(d.file, s) for d in report.damage for s in d.samples}
     found = sum(1 for f in flips if f["file"] in files and (f["sample"] is None or (f["file"], f["sample"]) in samples))
     return {"flipped": len(flips), "found": found, "found_pct": 100.0 * found / max(1, len(flips))}
+
+
+# -- chaos soak ----------------------------------------------------------------------------------------
+
+_CHAOS_LOADER = """
+import hashlib, json, sys, time
+import numpy as np
+from nearstore import Loader, standard_train
+from nearstore.node.cluster import ClusterSpec
+spec = ClusterSpec.model_validate_json(open(sys.argv[1]).read())
+seed, split, step, out, stop = int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5], sys.argv[6]
+import os
+with open(out, "w") as log, Loader(cluster=spec, pipeline=standard_train(64), split=split, batch_size=16,
+                                   seed=seed, workers=1) as ld:
+    print("ready", flush=True)
+    t = time.perf_counter()
+    try:
+        for b in ld.epochs(None):
+            wait = time.perf_counter() - t
+            h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes()); h.update(b.labels.tobytes())
+            log.write(json.dumps({"e": b.epoch, "i": b.index, "k": list(b.keys), "h": h.hexdigest(), "w": wait}) + "\\n")
+            log.flush()
+            if os.path.exists(stop):
+                break
+            time.sleep(step)  # the training step
+            t = time.perf_counter()
+    except Exception as exc:
+        import traceback
+        log.write(json.dumps({"error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()[-2000:]}) + "\\n")
+        sys.exit(1)
+    s = ld.source.stats()
+    log.write(json.dumps({"stats": {"failovers": len(s["failovers"]), "hedges": len(s["hedges"]),
+                                    "refetched": s["refetched"], "rejoined": len(s["rejoined"]),
+                                    "placements": len(s["placements"])}}) + "\\n")
+"""
+
+
+def _node_tree(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def chaos_run(store: Path, work: Path, *, seconds: float, seed: int = 0, step_s: float = 0.05,
+              rebalance_at: float = 0.6, log: Any = None) -> dict:
+    """Two training loaders against a 3-node, 2-replica cluster while faults land, chosen by ``seed``.
+
+    Faults, one at a time (each shard always keeps a live, good replica): SIGKILL a node (restarted a
+    few seconds later), SIGSTOP a node and its workers (SIGCONT later), flip bytes on disk (then scrub
+    --repair while everything runs); at ``rebalance_at`` of the run, one rebalance 3 -> 2 nodes. Every
+    batch the loaders deliver is compared with the same batch of an undisturbed run (local reads).
+    """
+    import os as _os
+
+    from nearstore.loader.loader import Loader
+    from nearstore.node.cluster import LocalCluster
+    from nearstore.store.manifest import Manifest
+    from nearstore.store.rebalance import rebalance
+    from nearstore.store.scrub import scrub
+
+    say = log or (lambda msg: None)
+    rng = random.Random(seed)
+    man = Manifest.load(store)
+    events: list[dict] = []
+    t_start = time.monotonic()
+
+    def event(kind: str, **kw: Any) -> None:
+        events.append({"t": round(time.monotonic() - t_start, 2), "kind": kind, **kw})
+        say(f"  {events[-1]['t']:7.1f} s  {kind} {kw if kw else ''}")
+
+    stop_flag = work / "chaos.stop"
+    stop_flag.unlink(missing_ok=True)
+    with LocalCluster(store, workers_per_node=1) as c:
+        spec_file = work / "chaos-cluster.json"
+        spec_file.write_text(c.spec.model_dump_json())
+        loaders = []
+        for i, split in enumerate(("node", "host")):
+            out = work / f"chaos-loader{i}.jsonl"
+            p = subprocess.Popen([sys.executable, "-c", _CHAOS_LOADER, str(spec_file), str(i), split, str(step_s),
+                                  str(out), str(stop_flag)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            loaders.append((p, out, split))
+        for p, _, _ in loaders:
+            if (p.stdout.readline() if p.stdout else "").strip() != "ready":
+                raise RuntimeError(f"chaos loader did not start: {p.stderr.read() if p.stderr else ''}")
+        t_start = time.monotonic()  # the soak starts once both loaders run
+        event("loaders running")
+        live = list(range(man.nodes))
+        rebalanced = False
+        flips_total = found_total = 0
+        try:
+            while time.monotonic() - t_start < seconds:
+                if any(p.poll() is not None for p, _, _ in loaders):
+                    event("loader exited early")
+                    break
+                if not rebalanced and time.monotonic() - t_start > rebalance_at * seconds:
+                    event("rebalance", frm=len(live), to=2)
+
+                    def follow(stage: str, m: Any) -> None:
+                        if stage == "swept":
+                            c.remove_node(2)
+
+                    rebalance(store, 2, grace=2.0, on_stage=follow)
+                    live = [0, 1]
+                    rebalanced = True
+                    event("rebalanced")
+                    continue
+                what = rng.choice(["kill", "stop", "flip", "pause"])
+                node = rng.choice(live)
+                hold = rng.uniform(1.0, 4.0)
+                if what == "kill":
+                    event("SIGKILL", node=node, down_s=round(hold, 1))
+                    c.kill(node)
+                    time.sleep(hold)
+                    c.restart(node)
+                    event("restarted", node=node)
+                elif what == "stop":
+                    pids = _node_tree(c.procs[node].pid)
+                    event("SIGSTOP", node=node, processes=len(pids), stopped_s=round(hold, 1))
+                    for pid in pids:
+                        _os.kill(pid, signal.SIGSTOP)
+                    try:
+                        time.sleep(hold)
+                    finally:
+                        for pid in pids:
+                            _os.kill(pid, signal.SIGCONT)
+                    event("SIGCONT", node=node)
+                elif what == "flip":
+                    n = rng.randint(5, 30)
+                    flips = flip_bytes(store, n, seed=rng.randrange(1 << 30), index_share=0.0)
+                    event("flipped bytes", count=n)
+                    time.sleep(hold)  # loaders read through the damage (replicas serve)
+                    report = scrub(store, repair=True)
+                    got = scrub_found_every_flip(report, flips)
+                    flips_total += n
+                    found_total += got["found"]
+                    event("scrub --repair", found=got["found"], repaired=report.repaired,
+                          unrepairable=len(report.unrepairable))
+                else:
+                    time.sleep(hold)
+                time.sleep(rng.uniform(0.5, 2.0))
+        finally:
+            stop_flag.write_text("stop")
+            results = []
+            for p, out, split in loaders:
+                try:
+                    _, err = p.communicate(timeout=180)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    _, err = p.communicate()
+                results.append((p.returncode, out, split, err))
+        final_scrub = scrub(store)
+    # -- what the loaders saw, against an undisturbed run --------------------------------------------------
+    summary: dict = {"seconds": round(time.monotonic() - t_start, 1), "seed": seed, "events": events,
+                     "faults": {k: sum(1 for e in events if e["kind"] == k)
+                                for k in ("SIGKILL", "SIGSTOP", "flipped bytes", "rebalance")},
+                     "flipped": flips_total, "flips_found": found_total, "final_scrub_clean": final_scrub.clean,
+                     "loaders": []}
+    for i, (rc, out, split, err) in enumerate(results):
+        lines = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+        batches = [x for x in lines if "h" in x]
+        errors = [x["error"] for x in lines if "error" in x] + ([err[-500:]] if rc not in (0, None) and err else [])
+        stats = next((x["stats"] for x in lines if "stats" in x), {})
+        by_epoch: dict[int, list] = {}
+        for b in batches:
+            by_epoch.setdefault(b["e"], []).append(b)
+        lost = dup = 0
+        for e, bs in by_epoch.items():
+            keys = [k for b in bs for k in b["k"]]
+            dup += len(keys) - len(set(keys))
+            complete = e < max(by_epoch)
+            if complete:
+                lost += man.num_samples - len(set(keys))
+        differing = checked = 0
+        with Loader(store=store, pipeline=_chaos_pipeline(), batch_size=16, seed=i) as ref:
+            for e in sorted(by_epoch):
+                ref.epoch = e
+                want = batch_digests(ref)[0]
+                for b in by_epoch[e]:
+                    checked += 1
+                    differing += (b["k"], b["h"]) != tuple(want[b["i"]])
+        waits = [b["w"] for b in batches[1:]]
+        summary["loaders"].append({
+            "split": split, "returncode": rc, "delivered": sum(len(b["k"]) for b in batches), "batches": len(batches),
+            "epochs": len(by_epoch), "lost": lost, "duplicated": dup, "differing": differing, "checked": checked,
+            "errors": errors, "worst_stall_s": max(waits, default=0.0),
+            "median_batch_wait_s": float(np.median(waits)) if waits else 0.0, **stats})
+    ls = summary["loaders"]
+    summary.update({"delivered": sum(x["delivered"] for x in ls), "lost": sum(x["lost"] for x in ls),
+                    "duplicated": sum(x["duplicated"] for x in ls), "differing": sum(x["differing"] for x in ls),
+                    "errors": sum(len(x["errors"]) for x in ls), "worst_stall_s": max(x["worst_stall_s"] for x in ls)})
+    return summary
+
+
+def _chaos_pipeline() -> Any:
+    from nearstore.ops.pipeline import standard_train
+
+    return standard_train(64)

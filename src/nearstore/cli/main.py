@@ -96,7 +96,8 @@ def ingest_cmd(
         report = ingest(src, store, nodes=nodes, replicas=replicas, shard_size=shard_size, on_error=on_error,
                         progress=lambda done, total: p.update(task, completed=done, total=total))
     console.print(f"{report.samples} samples in {report.shards} shards on {report.nodes} nodes x{report.replicas} "
-                  f"({report.bytes / 1e6:.1f} MB) in {report.seconds:.1f} s; skipped {len(report.skipped)}")
+                  f"({report.bytes / 1e6:.1f} MB) in {report.seconds:.1f} s; skipped {len(report.skipped)}, "
+                  f"converted to JPEG {len(report.converted)}")
     write_json(json_path, report.__dict__)
 
 
@@ -228,6 +229,44 @@ def top(
         run_top(ClusterSpec.load(store), interval=interval, console=Console(), iterations=iterations)
     except KeyboardInterrupt:
         console.print("stopped")
+
+
+@app.command()
+def rebalance(
+    store: Path = typer.Argument(..., help="the store directory"),
+    nodes: int = typer.Option(..., "--nodes", help="node directories after the move (more: grow, fewer: shrink)"),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help="copies per shard (default: the store's)"),
+    grace: float = typer.Option(2.0, "--grace", help="seconds between the new manifest and deleting old copies"),
+) -> None:
+    """Move the shards to the placement of --nodes node directories, online: a running local cluster
+    (STORE/cluster.json) gets servers for new nodes and loses those of removed ones."""
+    from nearstore.node.cluster import CLUSTER_FILE, ClusterSpec, NodeOptions, start_node, stop_node
+    from nearstore.store.rebalance import rebalance as run_rebalance
+
+    spec = ClusterSpec.load(store) if (store / CLUSTER_FILE).exists() else None
+    if spec is not None and spec.tls_root_cert:
+        raise typer.BadParameter("a TLS cluster is running: stop it (`nearstore down`), rebalance, start it again")
+
+    def follow(stage: str, man) -> None:  # noqa: ANN001
+        if spec is None:
+            return
+        have = {ep.node for ep in spec.nodes}
+        if stage == "widened":
+            opts = NodeOptions.of(link_mbps=spec.link_mbps, workers_per_node=spec.workers_per_node, token=spec.token)
+            for n in range(man.nodes):
+                if n not in have:
+                    ep, _ = start_node(store, n, opts, detach=True)
+                    spec.nodes.append(ep)
+                    console.print(f"node {n}: {ep.uri} (pid {ep.pid})")
+        elif stage == "swept":
+            for ep in [e for e in spec.nodes if e.node >= man.nodes]:
+                stop_node(ep)
+                spec.nodes.remove(ep)
+        spec.save(store / CLUSTER_FILE)
+
+    r = run_rebalance(store, nodes, replicas=replicas, grace=grace, on_stage=follow)
+    console.print(f"{r.nodes_before} -> {r.nodes_after} nodes x{r.replicas}: {r.copies_made} copies made "
+                  f"({r.bytes_copied / 1e6:.1f} MB), {r.copies_removed} removed, {r.seconds:.1f} s")
 
 
 @app.command()

@@ -61,6 +61,7 @@ class LoaderStats:
     bytes_read: int = 0
     skipped: int = 0
     skipped_samples: list[dict] = field(default_factory=list)
+    empty_batches: int = 0  # batches whose every sample was skipped: not handed out (on_error="skip")
     op_seconds: dict[str, float] = field(default_factory=dict)
     fetch_seconds: float = 0.0
     wait_seconds: float = 0.0
@@ -77,6 +78,7 @@ class LoaderStats:
             "bytes_read": self.bytes_read,
             "skipped": self.skipped,
             "skipped_samples": self.skipped_samples[:100],
+            "empty_batches": self.empty_batches,
             "op_seconds": dict(self.op_seconds),
             "fetch_seconds": self.fetch_seconds,
             "wait_seconds": self.wait_seconds,
@@ -304,6 +306,10 @@ class Loader:
                     self.epoch, self._batches_done = batch.epoch, batch.index + 1
                 else:
                     self.epoch, self._batches_done = batch.epoch + 1, 0
+                if len(batch) == 0:  # every sample skipped (on_error="skip"): never hand out an empty batch
+                    with self._stats_lock:
+                        self.stats.empty_batches += 1
+                    continue
                 with self._stats_lock:
                     self.stats.wait_seconds += waited
                     self.stats.batches += 1

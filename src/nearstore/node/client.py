@@ -105,7 +105,7 @@ class Latencies:
     """
 
     def __init__(self, *, percentile: float = 95.0, factor: float = 2.0, floor: float = 0.25,
-                 initial: float = 1.0, window: int = 128, warmup: int = 8) -> None:
+                 initial: float = 5.0, window: int = 128, warmup: int = 8) -> None:
         if not 50.0 <= percentile <= 100.0 or factor < 1.0 or floor <= 0 or initial <= 0:
             raise ConfigError("hedging: percentile must be in 50..100, factor >= 1, floor and initial > 0 "
                               f"(got {percentile}, {factor}, {floor}, {initial})")
@@ -545,7 +545,10 @@ class ClusterSource:
                 self._note_hedge(r, "hedge")
                 return [(h.node, h.positions, o[1]) for h, o in zip(r.hedges, outs)]
             for h, (st, v) in zip(r.hedges, outs):
-                if st == "error":
+                if st == "error" and isinstance(v, NodeRequestError) and "does not hold" in str(v):
+                    self._refresh_manifest()  # moved by a rebalance: the primary may still answer
+                    r.hedge_failed = True
+                elif st == "error":
                     raise v
                 if st == "down":
                     r.hedge_failed = True
@@ -576,6 +579,7 @@ class ClusterSource:
                     self._uris.setdefault(ep.node, ep.uri)
                     self.clients[ep.node] = self._client(ep.node)
                     self.wire_by_node.setdefault(ep.node, 0)
+                    self.samples_by_node.setdefault(ep.node, 0)
         best = self.manifest
         for node in list(self.clients):
             with self._lock:

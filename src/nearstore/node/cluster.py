@@ -26,7 +26,7 @@ from nearstore.core.errors import ConfigError, NearstoreError, StoreError
 from nearstore.store.manifest import Manifest, node_dir_name
 
 __all__ = ["NodeEndpoint", "ClusterSpec", "LocalCluster", "NodeOptions", "start_cluster", "start_node",
-           "stop_cluster", "CLUSTER_FILE", "ClusterStartError", "token_from_env", "read_token_file"]
+           "stop_cluster", "stop_node", "CLUSTER_FILE", "ClusterStartError", "token_from_env", "read_token_file"]
 
 CLUSTER_FILE = "cluster.json"
 log = logging.getLogger(__name__)
@@ -277,6 +277,23 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def stop_node(ep: NodeEndpoint, timeout: float = 10.0) -> None:
+    """Stop one recorded node process (SIGTERM, then SIGKILL)."""
+    if not ep.pid or not _pid_alive(ep.pid):
+        return
+    os.kill(ep.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(ep.pid) and time.monotonic() < deadline:
+        try:
+            if os.waitpid(ep.pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    if _pid_alive(ep.pid):
+        os.kill(ep.pid, signal.SIGKILL)
 
 
 def stop_cluster(store: str | Path, timeout: float = 10.0) -> list[int]:

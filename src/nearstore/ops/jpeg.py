@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from nearstore.ops import _jpeg
 
-__all__ = ["JpegError", "header", "decode_region", "scaled_size"]
+__all__ = ["JpegError", "header", "decode_region", "scaled_size", "to_jpeg", "CONVERT_QUALITY"]
 
 JpegError = _jpeg.DecodeError
 
@@ -42,3 +45,25 @@ def decode_region(data: bytes, scale_num: int, x: int, y: int, w: int, h: int, *
     arr = np.frombuffer(buf, np.uint8).reshape(out_h, out_w, 3)
     left = skip + (x - x0)
     return arr[y - y0 : y - y0 + h, left : left + w]
+
+
+CONVERT_QUALITY = 95
+
+
+def to_jpeg(data: bytes) -> tuple[bytes, str]:
+    """An image of another format (PNG, WebP, BMP, GIF, TIFF, ...) re-encoded as a JPEG; returns (jpeg, format).
+
+    Used at ingest so every stored payload decodes on the one JPEG path: RGB (an alpha channel is
+    dropped, palette and grayscale images are expanded), quality 95, 4:4:4 chroma (no subsampling);
+    the first frame of an animation. Raises JpegError when Pillow cannot read it either.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or "unknown"
+            im.load()
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise JpegError(f"neither a JPEG nor an image Pillow can read ({exc})") from None
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=CONVERT_QUALITY, subsampling=0)
+    return out.getvalue(), fmt

@@ -15,19 +15,21 @@ import secrets
 import shutil
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from nearstore.core.errors import ConfigError, SampleDecodeError, SourceError
 from nearstore.ops.image import npy_shape
-from nearstore.ops.jpeg import JpegError, header
+from nearstore.ops.jpeg import JpegError, header, to_jpeg
 from nearstore.store.format import ShardWriter, atomic_write_bytes, fsync_dir
 from nearstore.store.manifest import MANIFEST_NAME, Manifest, ShardEntry, node_dir_name, placement
 
 __all__ = ["IngestReport", "ingest", "scan_source"]
 
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
+# other image formats are accepted and converted to JPEG at ingest (``to_jpeg``), so one decoder serves all
+OTHER_IMAGE_SUFFIXES = {".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -50,6 +52,7 @@ class IngestReport:
     bytes: int
     skipped: list[dict]
     seconds: float
+    converted: list[dict] = field(default_factory=list)  # non-JPEG images re-encoded as JPEG (source, format)
 
 
 def _safe_key(text: str) -> str:
@@ -67,7 +70,7 @@ def _scan_folder(src: Path) -> tuple[list[str], list[_Item]]:
     classes = [d.name for d in class_dirs]
     for label, d in enumerate(class_dirs):
         for f in sorted(d.iterdir()):
-            if f.is_file() and f.suffix.lower() in JPEG_SUFFIXES:
+            if f.is_file() and f.suffix.lower() in JPEG_SUFFIXES | OTHER_IMAGE_SUFFIXES:
                 items.append(_Item(_safe_key(f"{d.name}__{f.stem}"), label, f.read_bytes, str(f)))
     return classes, items
 
@@ -103,7 +106,8 @@ def _scan_tars(tars: list[Path]) -> tuple[list[str], list[_Item]]:
     for t in tars:
         for key, group in _iter_tar(t):
             payload = "jpeg"
-            jpeg = next((group[e] for e in ("jpg", "jpeg") if e in group), None)
+            jpeg = next((group[e] for e in ("jpg", "jpeg", *(x[1:] for x in sorted(OTHER_IMAGE_SUFFIXES)))
+                         if e in group), None)
             if jpeg is None and "npy" in group:
                 payload, jpeg = "npy", group["npy"]
             if jpeg is None:
@@ -133,7 +137,7 @@ def scan_source(src: str | os.PathLike) -> tuple[list[str], list]:
         classes, items = _scan_tars(tars) if tars else _scan_folder(src)
     if not items:
         raise SourceError(
-            f"source {src} holds no JPEG images; expected SRC/<class>/<image>.jpg or .tar shards with "
+            f"source {src} holds no images; expected SRC/<class>/<image>.jpg (or .png, .webp, ...) or .tar shards with "
             "KEY.jpg + KEY.cls members (make a test set with `nearstore synth`)"
         )
     kinds = {it.payload for it in items}
@@ -215,6 +219,7 @@ def ingest(
     generation = time.strftime("%Y%m%d%H%M%S") + secrets.token_hex(3)
     shards: list[ShardEntry] = []
     skipped: list[dict] = []
+    converted: list[dict] = []
     widths = heights = payload = 0
     written = 0
     writer: ShardWriter | None = None
@@ -237,7 +242,14 @@ def ingest(
         for i, item in enumerate(items):
             data = item.read()
             try:
-                w, h = _dims(data, item.payload)
+                try:
+                    w, h = _dims(data, item.payload)
+                except JpegError:
+                    if item.payload != "jpeg":
+                        raise
+                    data, fmt = to_jpeg(data)  # another image format (a PNG named .JPEG, a WebP, ...)
+                    w, h = _dims(data, item.payload)
+                    converted.append({"source": item.origin, "format": fmt})
             except (JpegError, SampleDecodeError) as exc:
                 if on_error == "skip":
                     skipped.append({"source": item.origin, "reason": str(exc)})
@@ -293,4 +305,5 @@ def ingest(
         bytes=sum(s.tar_bytes for s in shards) * replicas,
         skipped=skipped,
         seconds=time.perf_counter() - t0,
+        converted=converted,
     )

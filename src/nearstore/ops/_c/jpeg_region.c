@@ -7,12 +7,17 @@
  * jpeg_skip_scanlines so pixels outside the region are not reconstructed.
  * The returned buffer is out_h rows of out_w RGB pixels; the wanted columns
  * start at x_skip (crop_scanline aligns the left edge to an iMCU boundary).
+ * CMYK and YCCK JPEGs (libjpeg-turbo has no conversion from them to RGB) are
+ * decoded to CMYK and converted here exactly as Pillow does: Adobe's inverted
+ * polarity ("CMYK;I"), then R = (255-K') - (255-C')(255-K')/255 with Pillow's
+ * rounding, where C', K' are the stored values (tested pixel for pixel).
  * Also header(data) -> (width, height). The GIL is released while decoding.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <setjmp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <jpeglib.h>
 
@@ -40,6 +45,21 @@ static void on_message(j_common_ptr cinfo, int level) {
 }
 
 static PyObject *DecodeError;
+
+/* Pillow's cmyk2rgb on Adobe-inverted samples: c = 255 - stored, nk = 255 - k = stored k. */
+static void cmyk_rows_to_rgb(const unsigned char *src, unsigned char *dst, size_t pixels) {
+    size_t i;
+    for (i = 0; i < pixels; i++) {
+        int nk = src[4 * i + 3];
+        int ch;
+        for (ch = 0; ch < 3; ch++) {
+            int c = 255 - src[4 * i + ch];
+            int t = c * nk + 128;
+            int v = nk - (((t >> 8) + t) >> 8);
+            dst[3 * i + ch] = (unsigned char)(v < 0 ? 0 : v > 255 ? 255 : v);
+        }
+    }
+}
 
 static PyObject *header(PyObject *self, PyObject *args) {
     Py_buffer buf;
@@ -79,6 +99,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     /* volatile: set after setjmp and read after a longjmp from libjpeg's error handler */
     PyObject *volatile out = NULL;
     unsigned char *volatile dst = NULL;
+    unsigned char *volatile four = NULL; /* CMYK rows before conversion */
     const char *volatile problem = NULL;
     JDIMENSION out_w = 0, xoff = 0;
     int warnings = 0;
@@ -94,7 +115,8 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         jpeg_create_decompress(&cinfo);
         jpeg_mem_src(&cinfo, (const unsigned char *)buf.buf, (unsigned long)buf.len);
         jpeg_read_header(&cinfo, TRUE);
-        cinfo.out_color_space = JCS_RGB;
+        int cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
+        cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
         cinfo.scale_num = (unsigned int)scale_num;
         cinfo.scale_denom = 8;
         cinfo.dct_method = fast ? JDCT_IFAST : JDCT_ISLOW;
@@ -115,7 +137,10 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
             out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(row * (size_t)h));
             if (!out) PyErr_Clear();
             Py_UNBLOCK_THREADS
-            if (!out) {
+            if (cmyk && out) {
+                four = (unsigned char *)malloc((size_t)out_w * 4 * 32);
+            }
+            if (!out || (cmyk && !four)) {
                 problem = "memory";
             } else {
                 dst = (unsigned char *)PyByteArray_AS_STRING(out);
@@ -123,10 +148,13 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
                 JSAMPROW rows[32];
                 while (cinfo.output_scanline < (JDIMENSION)(y + h)) {
                     JDIMENSION done = cinfo.output_scanline - (JDIMENSION)y;
-                    JDIMENSION left = (JDIMENSION)h - done, k;
+                    JDIMENSION left = (JDIMENSION)h - done, k, got;
                     if (left > 32) left = 32;
-                    for (k = 0; k < left; k++) rows[k] = dst + row * (done + k);
-                    if (jpeg_read_scanlines(&cinfo, rows, left) == 0) break;
+                    for (k = 0; k < left; k++)
+                        rows[k] = cmyk ? four + (size_t)out_w * 4 * k : dst + row * (done + k);
+                    got = jpeg_read_scanlines(&cinfo, rows, left);
+                    if (got == 0) break;
+                    if (cmyk) cmyk_rows_to_rgb(four, dst + row * done, (size_t)out_w * got);
                 }
                 warnings = (int)err.pub.num_warnings;
             }
@@ -134,6 +162,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         jpeg_abort_decompress(&cinfo);
     }
     jpeg_destroy_decompress(&cinfo);
+    free(four);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&buf);
 
