@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 
 from nearstore.core.errors import NearstoreError
-from nearstore.node.client import NodeClient
+from nearstore.node.client import NodeClient, node_client
 from nearstore.node.cluster import ClusterSpec
 from nearstore.node.ray import RayResolver
 
@@ -92,8 +92,7 @@ def render(table_rows: list[dict], title: str) -> Table:
 
 def run_top(spec: ClusterSpec, *, interval: float = 1.0, console: Console, iterations: int | None = None) -> None:
     """Refresh every ``interval`` seconds until Ctrl-C (KeyboardInterrupt reaches the caller) or ``iterations``."""
-    clients = {ep.node: NodeClient(ep.uri, node=ep.node, token=spec.token, timeout=max(0.5, interval),
-                                   tls_root_certs=spec.root_certs()) for ep in spec.nodes}
+    clients = {ep.node: node_client(spec, ep.node, timeout=max(0.5, interval)) for ep in spec.nodes}
     title = f"nearstore top: {spec.dataset}, {len(spec.nodes)} nodes (Ctrl-C to quit)"
     try:
         with ThreadPoolExecutor(max(1, len(clients)), thread_name_prefix="nearstore-top") as pool:
