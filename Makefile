@@ -31,6 +31,7 @@ bench: $(VENV)/.dali
 	$(PY) bench/nodes.py --json bench/results/nodes.json --plot docs/img/splits.png
 	$(PY) bench/model.py --json bench/results/model.json
 	$(PY) bench/reliability.py --json bench/results/reliability.json
+	$(PY) bench/reliability.py --chaos --seconds 600 --json bench/results/chaos.json
 	$(PY) bench/plan.py --json bench/results/plan.json
 	$(PY) bench/engines.py --json bench/results/engines.json
 	$(PY) bench/multihost.py --json bench/results/multihost.json
@@ -41,6 +42,7 @@ bench-quick: $(VENV)/.base
 	$(PY) bench/nodes.py --quick --json bench/results/nodes-quick.json
 	$(PY) bench/model.py --points 100000 --json bench/results/model-quick.json
 	$(PY) bench/reliability.py --quick --json bench/results/reliability-quick.json
+	$(PY) bench/reliability.py --chaos --quick --json bench/results/chaos-quick.json
 	$(PY) bench/plan.py --quick --json bench/results/plan-quick.json
 	$(PY) bench/engines.py --quick --json bench/results/engines-quick.json
 	$(PY) bench/multihost.py --quick --json bench/results/multihost-quick.json

@@ -462,13 +462,14 @@ def _node_tree(pid: int) -> list[int]:
 
 
 def chaos_run(store: Path, work: Path, *, seconds: float, seed: int = 0, step_s: float = 0.05,
-              rebalance_at: float = 0.6, log: Any = None) -> dict:
+              rebalance_at: float = 0.6, verify_s: float = float("inf"), log: Any = None) -> dict:
     """Two training loaders against a 3-node, 2-replica cluster while faults land, chosen by ``seed``.
 
     Faults, one at a time (each shard always keeps a live, good replica): SIGKILL a node (restarted a
     few seconds later), SIGSTOP a node and its workers (SIGCONT later), flip bytes on disk (then scrub
     --repair while everything runs); at ``rebalance_at`` of the run, one rebalance 3 -> 2 nodes. Every
-    batch the loaders deliver is compared with the same batch of an undisturbed run (local reads).
+    batch the loaders deliver is compared with the same batch of an undisturbed run (local reads), for
+    at most ``verify_s`` seconds per loader (whole epochs in a seeded order; ``checked`` says how many).
     """
     import os as _os
 
@@ -591,8 +592,15 @@ def chaos_run(store: Path, work: Path, *, seconds: float, seed: int = 0, step_s:
             if complete:
                 lost += man.num_samples - len(set(keys))
         differing = checked = 0
-        with Loader(store=store, pipeline=_chaos_pipeline(), batch_size=16, seed=i) as ref:
-            for e in sorted(by_epoch):
+        # every batch against the undisturbed run, epoch by epoch in a seeded order, until verify_s runs out
+        # (reported: checked of batches)
+        order = sorted(by_epoch)
+        random.Random(seed + i).shuffle(order)
+        t_verify = time.monotonic()
+        with Loader(store=store, pipeline=_chaos_pipeline(), batch_size=16, seed=i, workers=2) as ref:
+            for e in order:
+                if time.monotonic() - t_verify > verify_s:
+                    break
                 ref.epoch = e
                 want = batch_digests(ref)[0]
                 for b in by_epoch[e]:
@@ -602,7 +610,7 @@ def chaos_run(store: Path, work: Path, *, seconds: float, seed: int = 0, step_s:
         summary["loaders"].append({
             "split": split, "returncode": rc, "delivered": sum(len(b["k"]) for b in batches), "batches": len(batches),
             "epochs": len(by_epoch), "lost": lost, "duplicated": dup, "differing": differing, "checked": checked,
-            "errors": errors, "worst_stall_s": max(waits, default=0.0),
+            "errors": errors, "worst_stall_s": max(waits, default=0.0), "verify_s": time.monotonic() - t_verify,
             "median_batch_wait_s": float(np.median(waits)) if waits else 0.0, **stats})
     ls = summary["loaders"]
     summary.update({"delivered": sum(x["delivered"] for x in ls), "lost": sum(x["lost"] for x in ls),

@@ -1,0 +1,40 @@
+"""The long runs (``pytest -m long``; `make test` skips them): the chaos soak and the long fuzzers.
+
+They are the same harnesses bench/reliability.py records figures from (`docs/reliability.md`); here
+they run as tests, so a failure names the guarantee that broke.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nearstore.bench.faults import chaos_run, copy_store, fuzz_readers, fuzz_tickets
+from nearstore.node import LocalCluster
+from nearstore.store import Manifest
+from nearstore.store.ingest import ingest
+from nearstore.store.synth import SynthSpec, synth_folder
+
+pytestmark = [pytest.mark.long, pytest.mark.timeout(3600)]
+
+
+def test_chaos_soak_ten_minutes(tmp_path):
+    synth_folder(tmp_path / "img", SynthSpec(n=240, seed=31, classes=8), workers=2)
+    ingest(tmp_path / "img", tmp_path / "store", nodes=3, replicas=2, shard_size=256 << 10)
+    r = chaos_run(tmp_path / "store", tmp_path, seconds=600, seed=0, step_s=0.3, verify_s=240.0)
+    assert r["errors"] == 0, [x["errors"] for x in r["loaders"]]
+    assert r["lost"] == 0 and r["duplicated"] == 0 and r["differing"] == 0
+    assert r["final_scrub_clean"] and r["flips_found"] == r["flipped"]
+    assert all(r["faults"][k] >= 1 for k in ("SIGKILL", "SIGSTOP", "flipped bytes", "rebalance"))
+
+
+def test_ten_thousand_fuzzed_tickets(store):
+    man = Manifest.load(store)
+    with LocalCluster(store, nodes=1) as c:
+        r = fuzz_tickets(c.spec.nodes[0].uri, man.name, man.num_samples, cases=10_000, seed=7)
+        assert c.procs[0].poll() is None
+    assert r["crashes"] == 0 and r["good_request_after"], r["examples"]
+
+
+def test_fifteen_hundred_damaged_store_files(store, tmp_path):
+    r = fuzz_readers(copy_store(store, tmp_path / "s"), cases=1500, seed=4)
+    assert r["crashes"] == 0 and r["wrong"] == 0, r["examples"]
