@@ -37,8 +37,7 @@ def poll(spec: ClusterSpec, clients: dict[int, NodeClient], pool: ThreadPoolExec
             ep = resolve(node) if resolve is not None else None
             if ep is not None and ep.uri != clients[node].uri:
                 old = clients[node]
-                clients[node] = NodeClient(ep.uri, node=node, token=spec.token, timeout=old.timeout,
-                                           tls_root_certs=spec.root_certs())
+                clients[node] = node_client(spec, node, timeout=old.timeout, uri=ep.uri)
                 old.close()
             return None
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from nearstore.core.errors import ConfigError, NearstoreError
 from nearstore.nets import ARCHS, CUTS, DTYPES, ENGINES, describe
 from nearstore.loader.derived import pipeline_fingerprint
-from nearstore.node.client import NodeClient, NodeRequestError, NodeUnavailableError
+from nearstore.node.client import NodeClient, NodeRequestError, NodeUnavailableError, node_client
 from nearstore.node.cluster import ClusterSpec
 from nearstore.node.derive import frame
 from nearstore.ops.network import network_ops
@@ -51,9 +51,7 @@ def inference_pipeline(size: int = 224) -> list[dict | str]:
 
 
 def node_clients(cluster: ClusterSpec, timeout: float) -> dict[int, NodeClient]:
-    certs = cluster.root_certs()
-    return {ep.node: NodeClient(ep.uri, node=ep.node, token=cluster.token, timeout=timeout, tls_root_certs=certs)
-            for ep in cluster.nodes}
+    return {ep.node: node_client(cluster, ep.node, timeout=timeout) for ep in cluster.nodes}
 
 
 @dataclass
