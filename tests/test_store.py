@@ -110,7 +110,7 @@ def _bad_tar(d: Path) -> Path:
     "make,match",
     [
         (_empty, "has no class subfolders"),
-        (_no_images, "holds no JPEG images"),
+        (_no_images, "holds no images"),
         (_missing, "does not exist"),
         (_not_tar, "is a file but not a .tar"),
         (_bad_tar, "not a readable tar"),
