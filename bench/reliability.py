@@ -230,7 +230,7 @@ def chaos(args: argparse.Namespace) -> int:
         store = work / "store"
         ingest(work / "img", store, nodes=3, replicas=2, shard_size=256 << 10)
         res = chaos_run(store, work, seconds=seconds, seed=args.seed, step_s=0.3, log=log,
-                        verify_s=60.0 if args.quick else 240.0)
+                        verify_s=60.0 if args.quick else 120.0)
     res["quick"] = args.quick
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1))

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.long, pytest.mark.timeout(3600)]
 def test_chaos_soak_ten_minutes(tmp_path):
     synth_folder(tmp_path / "img", SynthSpec(n=240, seed=31, classes=8), workers=2)
     ingest(tmp_path / "img", tmp_path / "store", nodes=3, replicas=2, shard_size=256 << 10)
-    r = chaos_run(tmp_path / "store", tmp_path, seconds=600, seed=0, step_s=0.3, verify_s=240.0)
+    r = chaos_run(tmp_path / "store", tmp_path, seconds=600, seed=0, step_s=0.3, verify_s=120.0)
     assert r["errors"] == 0, [x["errors"] for x in r["loaders"]]
     assert r["lost"] == 0 and r["duplicated"] == 0 and r["differing"] == 0
     assert r["final_scrub_clean"] and r["flips_found"] == r["flipped"]

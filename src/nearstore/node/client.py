@@ -313,12 +313,13 @@ class ClusterSource:
         raise NodeUnavailableError("no node of the cluster answers: " + " | ".join(errors))
 
     # -- which node serves a shard ---------------------------------------------------
-    def _is_up(self, node: int) -> bool:
+    def _is_up(self, node: int, *, now: bool = False) -> bool:
+        """Whether ``node`` answers; a down node is probed every ``retry_after`` s (``now``: at once)."""
         with self._lock:
             down = self._down.get(node)
         if down is None:
             return True
-        if time.monotonic() - down[0] < self.retry_after:
+        if not now and time.monotonic() - down[0] < self.retry_after:
             return False
         fresh = self._client(node, timeout=2.0)  # a new channel: gRPC's reconnect backoff would delay a restart
         try:
@@ -345,6 +346,8 @@ class ClusterSource:
         if not candidates:
             return None
         up = [n for n in candidates if self._is_up(n)]
+        if not up:  # every copy looks down: probe them now (one may have restarted within retry_after)
+            up = [n for n in candidates if self._is_up(n, now=True)]
         if up:
             with self._lock:
                 fast = [n for n in up if n not in self._slow]
