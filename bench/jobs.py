@@ -115,7 +115,7 @@ def run(n: int, slowdown: float, batch: int, nodes: tuple[int, ...], work: Path)
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CI: 200 samples, slowdown 4, 1 and 2 nodes")
+    ap.add_argument("--quick", action="store_true", help="CI: 120 samples, slowdown 4, 1 and 2 nodes")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--samples", type=int, default=400)
     ap.add_argument("--slowdown", type=float, default=8.0)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="nearstore-bench-jobs-"))
     try:
         if args.quick:
-            res = run(200, 4.0, args.batch, (1, 2), work)
+            res = run(120, 4.0, args.batch, (1, 2), work)
         else:
             res = run(args.samples, args.slowdown, args.batch, tuple(args.nodes), work)
     finally:
