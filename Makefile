@@ -24,6 +24,7 @@ demo: $(VENV)/.dali
 
 test: $(VENV)/.base
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports --no-cache  # the layering and no import cycles (pyproject.toml's contracts)
 	$(PY) -m pytest -q -m "not long"
 
 bench: $(VENV)/.dali

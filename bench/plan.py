@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from nearstore.bench.accel import emulated_training
+from nearstore.loader import Loader
 from nearstore.node import LocalCluster
 from nearstore.ops.pipeline import standard_train
 from nearstore.plan import plan
@@ -49,7 +50,7 @@ def run_scenario(store: Path, *, cap: float | None, workers: int, step: float | 
     that speeds up or slows down during the scenario does not favour one split); measured = the mean."""
     pipe = standard_train(224)
     with LocalCluster(store, link_mbps=cap, workers_per_node=workers) as c:
-        p = plan(c, pipe, batch_size=batch, step_time=step, samples=32)
+        p = plan(c, pipe, batch_size=batch, step_time=step, samples=32, loader=Loader)
         order = [pr.split for pr in p.predictions]
         runs: dict[int, list[dict]] = {k: [] for k in order}
         for rnd in range(rounds):

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import io
+import math
+import os
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from nearstore.core.errors import OpParamError
-from nearstore.nets import max_rel_error
+from nearstore.core.errors import ConfigError, OpParamError, SampleDecodeError
+from nearstore.design import ARCHITECTURES, load_catalog, splits, stages_for
+from nearstore.design.pipelines import workload_of
+from nearstore.nets import ARCHS, CUTS, describe, max_rel_error
 from nearstore.nets.quant import TOLERANCE
-from nearstore.ops import Spec, make_op, registry, rng_for
-from nearstore.ops.base import PLACES, unregister
+from nearstore.ops import Pipeline, Spec, input_spec, make_op, registry, rng_for
+from nearstore.ops.base import PLACES, Op, OpParams, register, unregister
+from nearstore.ops.network import network_ops
 from nearstore.ops.plugins import import_errors, load_op_modules, op_origins
+from nearstore.plan.planner import ROW_OVERHEAD_BYTES, Measurements, declared, predict
 from nearstore.store.synth import synth_image
 
 #: parameters to build each registered op with (ops without an entry are built with none); an op added to the
@@ -32,6 +40,37 @@ EXAMPLE_SHAPES: dict[str, tuple[int, ...]] = {"network": (3, 64, 64), "dequantiz
 #: ops whose outputs depend on summation order (engine, batch size): equal within a tolerance, not bit for bit
 #: (issue 11: network layers are compared against ``nets.quant.TOLERANCE``)
 TOLERANT = {"network": TOLERANCE["pytorch", "float32"]}
+
+
+class _ScaleParams(OpParams):
+    factor: float = 2.0
+
+
+@register
+class _BatchedScale(Op):
+    """A batched op for the tests (like a network: one call per batch); a NaN input is a bad sample."""
+
+    name = "test_batched_scale"
+    inputs = ("chw_f32",)
+    batched = True
+    Params = _ScaleParams
+
+    def declare(self, spec: Spec) -> Spec:
+        return spec.with_(where=("cpu", "accelerator"), macs=float(np.prod(spec.shape or (1,))), param_bytes=4.0,
+                          resident_bytes=spec.bytes * 2)
+
+    def __call__(self, x, rng):
+        out = [None]
+        self.run_batch([x], [rng], out)
+        return out[0]
+
+    def run_batch(self, xs, rngs, out):
+        batch = np.stack(xs)
+        if np.isnan(batch).any():
+            raise SampleDecodeError("test_batched_scale: NaN in the input")
+        res = batch * np.float32(self.params.factor)
+        for i in range(len(xs)):
+            out[i] = res[i]
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -166,3 +205,141 @@ def test_user_op_module_file_registers_ops_and_a_broken_one_is_reported(tmp_path
         assert np.array_equal(make_op("test_invert_u8")(x, None), 255 - x)
     finally:
         unregister("test_invert_u8")
+
+
+# -- batches through a pipeline: per-sample splits, a batched op, a bad sample in a batch ------------------
+
+
+PIPE = Pipeline(["decode_jpeg", {"op": "random_resized_crop", "size": 32}, "flip", "to_uint8_chw", "normalize",
+                 "test_batched_scale"])
+
+
+def test_a_batched_op_declares_its_cost_and_runs_once_per_batch():
+    specs = PIPE.declare(input_spec("jpeg", mean_bytes=1e5, mean_hw=(300.0, 400.0)))
+    assert specs[-1].where == ("cpu", "accelerator") and specs[-1].macs == 3 * 32 * 32
+    assert specs[-2].where == ("cpu",) and specs[-2].macs == 0
+    assert [st.batched for st in PIPE.stages] == [False, False, False, False, True]
+
+
+@pytest.mark.parametrize("starts,stops", [(0, 6), ([0, 2, 3, 4, 5, 6], 6), (0, [0, 2, 3, 4, 5, 6]),
+                                          ([0, 0, 2, 2, 4, 5], [2, 6, 3, 6, 6, 6])])
+def test_run_batch_with_per_sample_splits_equals_one_sample_at_a_time(starts, stops):
+    n = 6
+    keys = [f"s{i}" for i in range(n)]
+    jpegs = [synth_image(i, 2) for i in range(n)]
+    first = [starts] * n if isinstance(starts, int) else starts
+    last = [stops] * n if isinstance(stops, int) else stops
+    # each sample's input: the output of ops[:start], computed alone
+    xs = [PIPE.run(jpegs[i], key=keys[i], seed=3, epoch=1, stop=first[i]) if first[i] else jpegs[i]
+          for i in range(n)]
+    want = [PIPE.run(jpegs[i], key=keys[i], seed=3, epoch=1, stop=last[i]) if last[i] else jpegs[i]
+            for i in range(n)]
+    got: list = [None] * n
+    errors = PIPE.run_batch(xs, keys=keys, seed=3, epoch=1, starts=starts, stops=stops, out=got)
+    assert errors == [None] * n
+    for w, g in zip(want, got):
+        assert (w == g) if isinstance(w, bytes) else np.array_equal(w, g)
+    if isinstance(stops, int):  # into one array, as the loader does
+        arr = np.empty((n, 3, 32, 32), np.float32)
+        assert PIPE.run_batch(xs, keys=keys, seed=3, epoch=1, starts=starts, out=arr) == [None] * n
+        assert np.array_equal(arr, np.stack(want))
+
+
+def test_a_bad_sample_fails_alone_in_a_batched_op_and_in_per_sample_ops():
+    keys = ["a", "b", "c", "d"]
+    xs = [np.full((3, 4, 4), 1.0, np.float32), np.full((3, 4, 4), np.nan, np.float32),
+          np.full((3, 4, 4), 3.0, np.float32), b"not an image"]
+    p = Pipeline(["test_batched_scale"])
+    out = np.zeros((3, 3, 4, 4), np.float32)
+    errors = p.run_batch(xs[:3], keys=keys[:3], seed=0, epoch=0, out=out)
+    assert errors[0] is None and isinstance(errors[1], SampleDecodeError) and errors[2] is None
+    assert (out[0] == 2).all() and (out[2] == 6).all()
+    jp = Pipeline(["decode_jpeg", "to_uint8_chw"])
+    got: list = [None] * 2
+    errors = jp.run_batch([synth_image(0, 0), xs[3]], keys=keys[:2], seed=0, epoch=0, out=got)
+    assert errors[0] is None and isinstance(errors[1], SampleDecodeError) and got[0].shape[0] == 3
+    with pytest.raises(ConfigError, match="valid splits"):
+        PIPE.run_batch(xs[:1], keys=keys[:1], seed=0, epoch=0, starts=1, out=[None])
+
+
+# -- point 5: the designer and the planner on the same numbers, for every cut ----------------------------------
+
+_CROP = ["decode_jpeg", {"op": "random_resized_crop", "size": 224}, "flip", "to_uint8_chw"]
+
+#: pipelines whose every split both must agree on: the image pipeline, and every network up to every cut (its
+#: activations in fp16; int8 adds the host-side dequantize stage)
+CUT_PIPELINES = {
+    "images": lambda: Pipeline([*_CROP, "normalize"]),
+    "images + a batched accelerator op": lambda: PIPE,
+    **{f"{arch} to {cut}": (lambda a=arch, c=cut: Pipeline([*_CROP, *network_ops(a, c, dtype="float16")]))
+       for arch in ARCHS for cut in CUTS},
+    "resnet50 to layer3, int8": lambda: Pipeline([*_CROP, *network_ops("resnet50", "layer3", dtype="int8")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUT_PIPELINES))
+def test_designer_and_planner_agree_on_bytes_and_operations_per_sample_for_every_cut(name):
+    pipe = CUT_PIPELINES[name]()
+    spec = input_spec("jpeg", mean_bytes=110e3, mean_hw=(375.0, 500.0))
+    n = len(pipe.stages)
+    m = Measurements(nodes=2, node_workers=2, host_workers=2, colocated=False, cores=2.0, link_bytes_per_s=25e6,
+                     **declared(pipe, spec), node_share=[0.5, 0.5], node_raw_bytes=[spec.bytes] * 2,
+                     node_read_s=[1e-4] * 2, node_stage_s=[[1e-3] * n] * 2, node_slowdown=[1.0, 1.0],
+                     host_stage_s=[1e-3] * n, send_s_per_byte=0.0, recv_s_per_byte=0.0)
+    system = ARCHITECTURES["nvdimm"](load_catalog())  # CPUs and accelerators on both sides: every cut is valid
+    wl = workload_of(pipe, spec, name=name, dataset_samples=1000, core_s=[1e-3] * n)
+    assert splits(system, wl) == list(range(n + 1))
+    total = sum(d.macs for d in pipe.declare_stages(spec))
+    sa, ca = system.storage.accel, system.compute.accel
+    preds = predict(m)
+    assert [p.split for p in preds] == pipe.valid_splits
+    for cut, p in enumerate(preds):
+        stages = stages_for(system, wl, cut)
+        link = sum(st.demands.get("ethernet", 0.0) for st in stages)
+        # an accelerator is charged device-seconds (MACs / its inference rate): back to MACs per sample
+        storage_macs = sum(st.demands.get(sa.resource, 0.0) for st in stages) * sa.infer_macs_per_s
+        compute_macs = sum(st.demands.get(ca.resource, 0.0) for st in stages) * ca.infer_macs_per_s
+        assert p.bytes_per_sample - ROW_OVERHEAD_BYTES == pytest.approx(link, rel=1e-12), (name, cut)
+        assert p.node_macs_per_sample == pytest.approx(storage_macs, rel=1e-9, abs=0), (name, cut)
+        assert storage_macs + compute_macs == pytest.approx(total, rel=1e-9, abs=0)
+    if name != "images":
+        assert total > 0 and max(p.node_macs_per_sample for p in preds) == total
+    if " to " in name:  # the network's own figures: what nets.describe counts for that cut at 224x224
+        arch, cut = name.split(",")[0].split(" to ")
+        info = describe(arch, cut, (224, 224))
+        assert total == info.macs
+        cut_here = next(p for p in preds if p.node_stages and p.node_stages[-1] == "network")
+        q8 = "int8" in name  # int8: a float32 scale, then one byte per value; else fp16
+        assert cut_here.bytes_per_sample - ROW_OVERHEAD_BYTES == math.prod(info.shape) * (1 if q8 else 2) + 4 * q8
+
+
+def test_ops_of_an_installed_package_come_from_the_entry_point_group(tmp_path):
+    """A distribution on the path that declares a ``nearstore.ops`` entry point: its ops are there for any
+    pipeline of a fresh process (a node's or a loader's), with their origin."""
+    site = tmp_path / "site"
+    (site / "shout_ops").mkdir(parents=True)
+    (site / "shout_ops" / "__init__.py").write_text(textwrap.dedent('''
+        from nearstore.ops.base import Op, register
+
+        @register
+        class Shout(Op):
+            name = "test_shout"
+            inputs = ("chw_u8",)
+            version = "3"
+
+            def declare(self, spec):
+                return spec.costless()
+
+            def __call__(self, x, rng):
+                return x * 2
+    '''))
+    dist = site / "shout_ops-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shout-ops\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[nearstore.ops]\nshout = shout_ops\n")
+    code = ("from nearstore.ops import Pipeline; from nearstore.ops.plugins import op_origins; "
+            "p = Pipeline(['test_shout']); print(type(p.ops[0]).version, op_origins()['test_shout'])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["3", "entry", "point", "shout", "(shout_ops)"]

@@ -90,7 +90,7 @@ def large_store(tmp_path_factory):
 
 def test_tight_link_with_large_photos_chooses_node_side(large_store):
     with LocalCluster(large_store, link_mbps=10) as c:
-        p = plan(c, PIPE, batch_size=8, samples=4)
+        p = plan(c, PIPE, batch_size=8, samples=4, loader=Loader)
         assert p.choice >= 2, p.reason  # decode and crop on the nodes: ~150 KB instead of ~1 MB per sample
         host = next(x for x in p.predictions if x.split == 0)
         assert host.bottleneck.startswith("link") and "bound by" in p.reason
@@ -103,7 +103,7 @@ def test_tight_link_with_large_photos_chooses_node_side(large_store):
 
 def test_open_link_with_a_slow_node_chooses_host_side(store):
     with LocalCluster(store, slowdown=6.0) as c:
-        p = plan(c, PIPE, batch_size=16, samples=8)
+        p = plan(c, PIPE, batch_size=16, samples=8, loader=Loader)
     assert p.choice == 0, p.reason
     node_side = [x for x in p.predictions if x.split > 0]
     assert all(x.bottleneck.startswith("node") for x in node_side)

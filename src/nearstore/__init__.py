@@ -1,6 +1,8 @@
 """nearstore: near-storage processing for deep learning.
 
-Layers (dependencies point down): ``cli`` -> ``loader`` / ``bench`` -> ``store`` / ``ops`` -> ``core``.
+Layers (dependencies point down; checked by ``lint-imports``, see pyproject.toml): ``cli`` -> ``bench`` | ``jobs`` ->
+``loader`` | ``train`` -> ``plan`` | ``design`` -> ``node`` -> ``store`` -> ``ops`` | ``model`` -> ``nets`` ->
+``core``.
 """
 
 from nearstore.core.errors import *  # noqa: F401,F403

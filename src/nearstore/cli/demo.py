@@ -120,7 +120,7 @@ def node_demo(workdir: Path, *, console: Console, progress: Callable[[], Progres
     console.print(f"plot: {png}")
     with LocalCluster(store, link_mbps=cap, workers_per_node=1) as cluster, \
             console.status("planner: profiling nodes, host and link"):
-        chosen = plan(cluster, pipe, batch_size=16, step_time=0.05, samples=16)
+        chosen = plan(cluster, pipe, batch_size=16, step_time=0.05, samples=16, loader=Loader)
     console.print(f"[bold]planner (Loader(split='auto')):[/bold] {chosen.reason}")
     return {"runs": runs, "plot": str(png), "plan": chosen.as_dict()}
 

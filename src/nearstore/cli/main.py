@@ -133,7 +133,7 @@ app.add_typer(node_app, name="node")
 @node_app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def node_serve(ctx: typer.Context) -> None:
     """Serve one node directory over Arrow Flight: --data DIR [--port P] [--host H] [--workers W]
-    [--link-mbps MB/s] [--token T] [--allow-shutdown]."""
+    [--link-mbps MB/s] [--token T] [--ops-module MODULE] [--allow-shutdown]."""
     from nearstore.node.server import main as serve_main
 
     raise typer.Exit(serve_main(list(ctx.args)))
@@ -162,6 +162,8 @@ def up(
                                       "(docs/multihost.md); needs the ray extra"),
     ray_namespace: str = typer.Option("nearstore", help="with --ray: Ray namespace of the node actors"),
     max_restarts: int = typer.Option(-1, help="with --ray: times Ray restarts a dead node actor (-1: no limit)"),
+    ops_module: list[str] = typer.Option([], "--ops-module", help="import ops from this module on every node "
+                                         "(dotted name or .py file; repeatable)"),
 ) -> None:
     """Start a cluster (one node per node directory: local processes, or Ray actors with --ray) and write
     STORE/cluster.json."""
@@ -172,7 +174,7 @@ def up(
     secret = read_token_file(token_file) if token_file else token
     opts = NodeOptions.of(link_mbps=link_mbps, workers_per_node=workers_per_node, worker_kind=worker_kind,
                           token=secret, host=host, tls_cert=_opt_str(tls_cert), tls_key=_opt_str(tls_key),
-                          metrics_port=metrics_port)
+                          metrics_port=metrics_port, ops_modules=[_module_arg(m) for m in ops_module])
     if ray is not None:
         from nearstore.node.ray import start_ray_cluster
 
@@ -190,6 +192,12 @@ def up(
         console.print(f"node {ep.node}: {ep.uri} (pid {ep.pid})" + (f", metrics {ep.metrics}" if ep.metrics else "")
                       + (f", Ray actor {ep.actor}" if ep.actor else ""))
     console.print(f"cluster file: {store / CLUSTER_FILE}; stop with `nearstore down {store}`")
+
+
+def _module_arg(m: str) -> str:
+    """An --ops-module as the nodes will see it: a .py file by absolute path (nodes run elsewhere), a dotted
+    module as given."""
+    return str(Path(m).resolve()) if m.endswith(".py") or "/" in m else m
 
 
 def _opt_str(p: Optional[Path]) -> Optional[str]:
@@ -422,6 +430,7 @@ def plan(
 ) -> None:
     """Profile the nodes, the host and the link; predict every split with the model; choose one."""
     from nearstore.node.cluster import ClusterSpec
+    from nearstore.loader import Loader
     from nearstore.plan import plan as make_plan
 
     if step_time is not None and accel is not None:
@@ -433,7 +442,7 @@ def plan(
     pipe = _pipeline_arg(pipeline, normalize)
     with console.status("profiling nodes, host and link"):
         p = make_plan(ClusterSpec.load(cluster), pipe, host_workers=workers, step_time=step_time,
-                      batch_size=batch_size, samples=samples)
+                      batch_size=batch_size, samples=samples, loader=Loader)
     t = Table(title="predicted throughput per split (ops[:split] run on the nodes)")
     for col in ("split", "on the nodes", "samples/s", "bottleneck", "bytes/sample on link"):
         t.add_column(col, justify="right" if col in ("samples/s", "bytes/sample on link") else "left")

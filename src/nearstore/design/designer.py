@@ -31,6 +31,7 @@ from nearstore.design.archs import IO_CORE_S_PER_BYTE, ComputeTier, Device, Side
 from nearstore.design.catalog import Catalog, CatalogError
 from nearstore.design.workloads import Workload, WorkloadStage
 from nearstore.model.core import Evaluation, Resource, Stage, evaluate
+from nearstore.model import placement as placing
 
 __all__ = ["splits", "stages_for", "Placement", "Economics", "Assessment", "assess", "accelerators_fed",
            "boxes_for", "pareto", "verdict", "emulated_demand", "resolve_accelerator", "link_bytes", "split_problems"]
@@ -72,8 +73,8 @@ def splits(system: System, workload: Workload) -> list[int]:
 
 def link_bytes(workload: Workload, k: int, share: float = 0.0) -> float:
     """Bytes per sample crossing the link when stages[:k] run storage-side (and stage k for ``share`` of them)."""
-    whole = workload.sample_bytes if k == 0 else workload.stages[k - 1].out_bytes
-    return whole if not share else share * workload.stages[k].out_bytes + (1 - share) * whole
+    return placing.link_bytes([ws.cost(0.0) for ws in workload.stages], placing.Placement(k, share),
+                              workload.sample_bytes)
 
 
 def shared_splits(system: System, workload: Workload) -> list[int]:
@@ -141,44 +142,44 @@ def stages_for(system: System, workload: Workload, k: int, share: float = 0.0, *
     st, cp = system.storage, system.compute
     cap_main, cap_extra = _capacity(system, st.cpu), _capacity(system, st.extra_cpu)
     extra_frac = cap_extra / (cap_main + cap_extra) if cap_extra else 0.0
-    for i, ws in enumerate(workload.stages):
-        storage_frac = fresh if i < k else fresh * share if i == k else 0.0
-        compute_frac = 1.0 - storage_frac
-        demands: dict[str, float] = {}
-        memory: dict[str, float] = {}
+
+    def on_storage(i: int, frac: float, demands: dict[str, float], memory: dict[str, float]) -> None:
+        ws = workload.stages[i]
         if ws.kind == "cpu":
-            if storage_frac:
-                _add(demands, st.cpu, storage_frac * ws.core_s * (1 - extra_frac))
-                _add(demands, st.extra_cpu, storage_frac * ws.core_s * extra_frac)
-                raw_share = extra_frac if st.extra_cpu else (1.0 if system.raw_exit and st.cpu else 0.0)
-                for r in system.raw_exit:  # samples a storage server CPU or DPU processes leave the drives raw
-                    _add(demands, r, storage_frac * raw_share * _in_bytes(workload, i))
-            if compute_frac:
-                if gpu_decode is not None and ws.gpu is not None and cp.gpu_decode and cp.accel is not None:
-                    h = gpu_decode if cp.accel.jpeg else 0.0
-                    g = compute_frac * gpu_share  # decoded on the GPUs; the rest on the host CPUs
-                    _add(demands, cp.accel.jpeg, g * h)
-                    _add(demands, cp.accel.resource, g * (ws.gpu.aug_gmacs + (1 - h) * ws.gpu.cuda_decode_gmacs)
-                         * 1e9 / cp.accel.train_macs_per_s)
-                    _add(demands, cp.cpu, g * (ws.gpu.host_core_s + (1 - h) * ws.gpu.huffman_core_s)
-                         + (compute_frac - g) * ws.core_s)
-                else:
-                    _add(demands, cp.cpu, compute_frac * ws.core_s)
+            _add(demands, st.cpu, frac * ws.core_s * (1 - extra_frac))
+            _add(demands, st.extra_cpu, frac * ws.core_s * extra_frac)
+            raw_share = extra_frac if st.extra_cpu else (1.0 if system.raw_exit and st.cpu else 0.0)
+            for r in system.raw_exit:  # samples a storage server CPU or DPU processes leave the drives raw
+                _add(demands, r, frac * raw_share * _in_bytes(workload, i))
         else:
-            if storage_frac:
-                assert st.accel is not None
-                _model_stage(ws, st.accel, storage_frac, _in_bytes(workload, i), demands, memory)
-            if compute_frac:
-                assert cp.accel is not None
-                _model_stage(ws, cp.accel, compute_frac, _in_bytes(workload, i), demands, memory)
-        out.append(Stage(name=ws.name, demands=demands, memory=memory))
-    if system.link:
-        moved = fresh * link_bytes(workload, k, share)
-        transfer = {r: moved for r in system.link}
-        if any(r.name == "storage_head_cpu" for r in system.resources):
-            _add(transfer, "storage_head_cpu", moved * IO_CORE_S_PER_BYTE)
-        out.append(Stage(name="transfer", demands=transfer))
-    return out
+            assert st.accel is not None
+            _model_stage(ws, st.accel, frac, _in_bytes(workload, i), demands, memory)
+
+    def on_compute(i: int, frac: float, demands: dict[str, float], memory: dict[str, float]) -> None:
+        ws = workload.stages[i]
+        if ws.kind == "cpu":
+            if gpu_decode is not None and ws.gpu is not None and cp.gpu_decode and cp.accel is not None:
+                h = gpu_decode if cp.accel.jpeg else 0.0
+                g = frac * gpu_share  # decoded on the GPUs; the rest on the host CPUs
+                _add(demands, cp.accel.jpeg, g * h)
+                _add(demands, cp.accel.resource, g * (ws.gpu.aug_gmacs + (1 - h) * ws.gpu.cuda_decode_gmacs)
+                     * 1e9 / cp.accel.train_macs_per_s)
+                _add(demands, cp.cpu, g * (ws.gpu.host_core_s + (1 - h) * ws.gpu.huffman_core_s)
+                     + (frac - g) * ws.core_s)
+            else:
+                _add(demands, cp.cpu, frac * ws.core_s)
+        else:
+            assert cp.accel is not None
+            _model_stage(ws, cp.accel, frac, _in_bytes(workload, i), demands, memory)
+
+    link = {r: 1.0 for r in system.link}
+    if system.link and any(r.name == "storage_head_cpu" for r in system.resources):
+        link["storage_head_cpu"] = IO_CORE_S_PER_BYTE
+    # which stages run where, for which share of the samples: the function the runtime planner uses too
+    placed = placing.place(placing.Placement(k, share), [ws.cost(0.0) for ws in workload.stages],
+                           storage=[placing.Site(run=on_storage, link=link)], compute=placing.Site(run=on_compute),
+                           input_bytes=workload.sample_bytes, fresh=fresh)
+    return out + (placed if system.link else placed[:-1])
 
 
 @dataclass(frozen=True)

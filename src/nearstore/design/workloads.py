@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from nearstore.design.catalog import CatalogError, read_yaml_sources, validate_item
+from nearstore.model.placement import StageCost
 
 __all__ = ["GpuOffload", "WorkloadStage", "Workload", "load_workloads", "TRAIN_BYTES_PER_PARAM"]
 
@@ -55,6 +56,20 @@ class WorkloadStage(BaseModel):
     @property
     def macs(self) -> float:
         return self.forward_gmacs * 1e9 * self.passes
+
+    @property
+    def where(self) -> tuple[str, ...]:
+        """Where it can run, in the ops' vocabulary (``Spec.where``): cpu stages on CPUs, model stages on
+        accelerators."""
+        return ("cpu",) if self.kind == "cpu" else ("accelerator",)
+
+    def cost(self, bytes_per_param: float) -> StageCost:
+        """This stage in the one vocabulary the planner shares (``model.StageCost``), on a device that holds
+        parameters in ``bytes_per_param`` bytes."""
+        per_param = TRAIN_BYTES_PER_PARAM[self.optimizer] if self.train else bytes_per_param
+        return StageCost(name=self.name, out_bytes=self.out_bytes, where=self.where, core_s=self.core_s,
+                         macs=self.macs, param_bytes=self.params_m * 1e6 * per_param + self.workspace_gb * 1e9,
+                         resident_bytes=self.activation_mb * 1e6, batch=self.batch)
 
     def resident_bytes(self, bytes_per_param: float) -> float:
         """Memory this stage needs on one device: parameters (training state with AMP), activations, workspace."""

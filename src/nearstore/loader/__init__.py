@@ -5,7 +5,7 @@ Import ``nearstore.loader.torch`` for the PyTorch adapter (it imports torch).
 
 from nearstore.loader.loader import Batch, Loader, LoaderStats, SampleError
 from nearstore.loader.order import batch_bounds, epoch_order, num_batches, rank_share
-from nearstore.loader.sources import Fetched, LocalSource, SampleSource
+from nearstore.store.sources import Fetched, LocalSource, SampleSource
 
 __all__ = [
     "Batch", "Loader", "LoaderStats", "SampleError",

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from nearstore.core.errors import ConfigError, SampleDecodeError, StoreError
 from nearstore.loader.loader import Loader
-from nearstore.loader.sources import Fetched
+from nearstore.store.sources import Fetched
 from nearstore.nets.archs import weights_digest
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 from nearstore.store.derived import DerivedMismatchError, Fingerprint, load_derived, outputs_of, read_shard_file

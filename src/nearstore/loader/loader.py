@@ -17,17 +17,20 @@ import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
 from nearstore.core.errors import ConfigError, NearstoreError, ResumeStateError
 from nearstore.core.memory import BlockPool, HeapBlock
 from nearstore.loader.order import Remainder, batch_bounds, epoch_order, num_batches, rank_share, resume_offset
-from nearstore.loader.sources import Fetched, LocalSource, SampleSource
+from nearstore.node.client import ClusterSource
+from nearstore.node.spec import ClusterSpec
 from nearstore.ops.base import Spec
 from nearstore.ops.image import worker_init
 from nearstore.ops.pipeline import Pipeline, input_spec_of
+from nearstore.plan.planner import plan
+from nearstore.store.sources import Fetched, LocalSource, SampleSource
 
 __all__ = ["Loader", "Batch", "LoaderStats", "SampleError"]
 
@@ -110,7 +113,10 @@ class Loader:
     ``shuffle``, ``rank``/``world_size`` with ``remainder`` ('pad' or 'drop'),
     ``drop_last`` (a short last batch), ``workers`` (host threads), ``prefetch``
     (batches in flight), ``on_error`` ('raise' or 'skip': skipped samples are
-    counted in ``stats``).
+    counted in ``stats``). With ``cluster``, ``split`` says how many ops run on
+    the nodes: an op index, 'host', 'node', 'auto' (the planner chooses), or a
+    function from sample ids to one split per sample. Each batch runs its
+    samples' remaining ops as one batch (``Pipeline.run_batch``).
     """
 
     def __init__(
@@ -129,7 +135,7 @@ class Loader:
         prefetch: int = 4,
         on_error: Literal["raise", "skip"] = "raise",
         cluster: Any = None,
-        split: int | str = "host",
+        split: int | str | Callable[[np.ndarray], Sequence[int]] = "host",
         source: SampleSource | None = None,
     ) -> None:
         if sum(x is not None for x in (store, cluster, source)) != 1:
@@ -146,15 +152,10 @@ class Loader:
         self.pipeline = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
         self.plan = None  # with split="auto": the planner's Plan (choice, reason, predictions)
         if cluster is not None:
-            from nearstore.node.client import ClusterSource
-            from nearstore.node.cluster import ClusterSpec
-
             spec = getattr(cluster, "spec", cluster)
             spec = spec if isinstance(spec, ClusterSpec) else ClusterSpec.load(spec)
             if split == "auto":  # measure the cluster and let the model choose (see nearstore.plan)
-                from nearstore.plan import plan
-
-                self.plan = plan(spec, self.pipeline, host_workers=workers, batch_size=batch_size)
+                self.plan = plan(spec, self.pipeline, host_workers=workers, batch_size=batch_size, loader=Loader)
                 split = self.plan.choice
             source = ClusterSource(spec, self.pipeline, split)
         elif split not in ("host", 0):
@@ -347,21 +348,31 @@ class Loader:
         return result
 
     def _build(self, epoch: int, index: int, ids: np.ndarray, fetched: list[Fetched], fetch_s: float) -> Batch:
+        """Run each fetched sample's remaining ops (from how far its source processed it) as one batch."""
         spec = self.output_spec
+        good = [f for f in fetched if f.error is None]
         buf = self._memory.array((len(ids), *spec.shape), spec.dtype) if spec.fixed else [None] * len(ids)
+        timings: dict[str, float] = {}
+        errors: list[Exception | None] = []
+        if good:
+            starts = [self.source.prefix if f.prefix is None else f.prefix for f in good]
+            errors = self.pipeline.run_batch([f.data for f in good], keys=[f.key for f in good], seed=self.seed,
+                                             epoch=epoch, starts=starts, timings=timings, out=buf)
+        failed = iter(errors)
         keys: list[str] = []
         labels: list[int] = []
         kept: list[int] = []
-        timings: dict[str, float] = {}
         skipped: list[dict] = []
         nbytes = 0
+        n = 0  # slot of the next good output in ``buf``
         for f in fetched:
-            slot = buf[len(keys)] if spec.fixed else None
-            ok, out = self._run_one(f, epoch, timings, skipped, slot)
-            if not ok:
+            err = f.error if f.error is not None else next(failed)
+            slot, n = (None, n) if f.error is not None else (n, n + 1)
+            if err is not None:
+                self._fail(f, err, skipped)
                 continue
-            if slot is None:
-                buf[len(keys)] = out
+            if slot != len(keys):  # close the gap a skipped sample left
+                buf[len(keys)] = buf[slot]
             keys.append(f.key)
             labels.append(f.label)
             kept.append(f.sample)
@@ -378,25 +389,11 @@ class Loader:
                 st.op_seconds[k] = st.op_seconds.get(k, 0.0) + v
         return Batch(data, np.asarray(labels, np.int64), keys, np.asarray(kept, np.int64), epoch, index)
 
-    def _run_one(
-        self, f: Fetched, epoch: int, timings: dict, skipped: list, slot: np.ndarray | None
-    ) -> tuple[bool, Any]:
-        """(ok, output): the output is written into ``slot`` when one is given."""
-        err: Exception | None = f.error
-        out = None
-        if err is None:
-            try:
-                out = self.pipeline.run(
-                    f.data, key=f.key, seed=self.seed, epoch=epoch, start=self.source.prefix, timings=timings,
-                    out=slot,
-                )
-            except NearstoreError as exc:
-                err = exc
-        if err is None:
-            return True, out
+    def _fail(self, f: Fetched, err: Exception, skipped: list) -> None:
+        """Count a bad sample (on_error='skip') or raise ``SampleError`` naming it."""
         if self.on_error == "skip":
             skipped.append({"shard": f.shard, "key": f.key, "sample": f.sample, "error": str(err)})
-            return False, None
+            return
         raise SampleError(
             f"shard {f.shard}, key {f.key} (sample {f.sample}): {err}. "
             "Pass on_error='skip' to skip and count bad samples"

@@ -26,19 +26,19 @@ import time
 from collections import defaultdict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow.flight as flight
 
 from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError
 from nearstore.core.memory import retain_freed_memory
-from nearstore.loader.sources import Fetched
-from nearstore.node.cluster import ClusterSpec, NodeEndpoint
 from nearstore.node.protocol import Row, Ticket, decode_rows, wire_bytes
-from nearstore.node.ray import RayResolver
+from nearstore.node.resolve import RayResolver
+from nearstore.node.spec import ClusterSpec, NodeEndpoint
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 from nearstore.store.manifest import Manifest
+from nearstore.store.sources import Fetched
 
 __all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSource", "message_bytes", "node_client",
            "Cancel", "RequestCancelled", "Latencies"]
@@ -210,6 +210,9 @@ class NodeClient:
     def manifest(self) -> Manifest:
         return Manifest.model_validate(self.action("manifest"))
 
+    def capabilities(self) -> dict:
+        return self.action("capabilities")
+
     def get(self, ticket: Ticket, on_message: Callable[[int], None] | None = None,
             cancel: "Cancel | None" = None) -> tuple[list, int]:
         """All record batches of a DoGet and the wire bytes they took.
@@ -253,11 +256,17 @@ def node_client(spec: ClusterSpec, node: int, *, timeout: float = 60.0, uri: str
 class ClusterSource:
     """A loader source backed by node servers; ``prefix`` ops run on the nodes.
 
+    ``split`` is one split for every sample (an op index, "host" or "node"),
+    or a function from sample ids to one split per sample: the node then runs
+    each sample to its own depth, each row says how far (``Fetched.prefix``),
+    and the loader finishes the rest.
+
     ``stats()`` reports failovers (node, when, how long the batch waited),
     samples re-fetched from a replica, and nodes that rejoined.
     """
 
-    def __init__(self, cluster: ClusterSpec, pipeline: Pipeline, split: int | str, *, streams_per_node: int = 4,
+    def __init__(self, cluster: ClusterSpec, pipeline: Pipeline,
+                 split: int | str | Callable[[np.ndarray], Sequence[int]], *, streams_per_node: int = 4,
                  timeout: float = 120.0, retry_after: float = 1.0,
                  resolve: Callable[[int], NodeEndpoint | None] | None = None, hedge: bool = True,
                  latencies: Latencies | None = None) -> None:
@@ -274,7 +283,9 @@ class ClusterSource:
         self._closing = threading.Event()
         self._prober = ThreadPoolExecutor(1, thread_name_prefix="nearstore-probe")
         retain_freed_memory()  # every message is a fresh multi-MB receive buffer: keep those pages mapped
-        self.prefix = pipeline.resolve_split(split)
+        self._pipeline = pipeline
+        self._split_of = split if callable(split) else None
+        self.prefix = len(pipeline.ops) if callable(split) else pipeline.resolve_split(split)
         self._ops = pipeline.to_json()[: self.prefix]
         self._timeout, self.retry_after = timeout, retry_after
         self.clients = {ep.node: self._client(ep.node) for ep in cluster.nodes}
@@ -282,7 +293,10 @@ class ClusterSource:
             raise ConfigError("the cluster has no nodes")
         self._down: dict[int, tuple[float, str]] = {}  # node -> (when marked down, why)
         self.manifest = self._first_manifest()
-        per_sample = pipeline.declare(input_spec_of(self.manifest))[self.prefix].bytes or 1.0
+        self._check_ops(pipeline.ops[: self.prefix])  # before any data moves
+        specs = pipeline.declare(input_spec_of(self.manifest))
+        splits = pipeline.valid_splits if callable(split) else [self.prefix]
+        per_sample = max(specs[k].bytes for k in splits) or 1.0
         self._rows_per_message = max(1, int(message_bytes(cluster.link_mbps) // per_sample))
         self._firsts = np.array([s.first for s in self.manifest.shards], np.int64)
         # + 2 per node: a hedged request's primary may sit on a thread until its node answers again
@@ -311,6 +325,37 @@ class ClusterSource:
                 self._down[node] = (time.monotonic(), str(exc))
                 errors.append(str(exc))
         raise NodeUnavailableError("no node of the cluster answers: " + " | ".join(errors))
+
+    def _check_ops(self, ops: list) -> None:
+        """Refuse a pipeline whose node-side ops a node lacks (or has in another version), naming both."""
+        if not ops:
+            return
+        problems = []
+        for node, client in self.clients.items():
+            if node in self._down:
+                continue  # asked again when it comes back: a node without the op then refuses the ticket
+            try:
+                caps = client.capabilities()
+            except NodeUnavailableError as exc:
+                self._down[node] = (time.monotonic(), str(exc))
+                continue
+            have = caps.get("ops", {})
+            for op in ops:
+                mine = type(op).version
+                if op.name not in have:
+                    failed = caps.get("import_errors") or {}
+                    why = ("; op modules that failed to import there: "
+                           + "; ".join(f"{src}: {err.strip().splitlines()[-1]}" for src, err in failed.items())
+                           if failed else "")
+                    problems.append(f"node {node} at {client.uri} has no op {op.name!r} (its ops: "
+                                    f"{', '.join(sorted(have))}){why}")
+                elif have[op.name].get("version") != mine:
+                    problems.append(f"node {node} at {client.uri} has op {op.name!r} version "
+                                    f"{have[op.name].get('version')!r}, this host has {mine!r}")
+        if problems:
+            raise NodeRequestError("the pipeline's node-side ops cannot run on every node: " + "; ".join(problems)
+                                   + ". Serve the op module on the nodes (`nearstore up STORE --ops-module M`, "
+                                   "or the nearstore.ops entry point), or split before that op")
 
     # -- which node serves a shard ---------------------------------------------------
     def _is_up(self, node: int, *, now: bool = False) -> bool:
@@ -420,7 +465,7 @@ class ClusterSource:
             problems[pos].append((row.key, f"node {node}: crc32c of the data it sent does not match; the bytes "
                                            "were corrupted between node and loader"))
             return None
-        return Fetched(row.sample, row.key, row.label, name, row.value, row.nbytes)
+        return Fetched(row.sample, row.key, row.label, name, row.value, row.nbytes, prefix=row.prefix)
 
     def _mark_down(self, node: int, exc: Exception, t0: float, samples: int) -> None:
         with self._lock:
@@ -629,9 +674,21 @@ class ClusterSource:
             finally:
                 probe.close()
 
+    def _prefixes(self, samples: list[int]) -> list[int] | None:
+        """Each sample's split when it differs per sample (checked against the pipeline's valid splits)."""
+        if self._split_of is None:
+            return None
+        got = [int(k) for k in self._split_of(np.asarray(samples, np.int64))]
+        valid = set(self._pipeline.valid_splits)
+        if len(got) != len(samples) or not set(got) <= valid:
+            raise ConfigError(f"the per-sample split function gave {sorted(set(got) - valid) or len(got)} for "
+                              f"{len(samples)} samples; it must give one valid split per sample "
+                              f"({sorted(valid)})")
+        return got
+
     def _get(self, node: int, samples: list[int], epoch: int, seed: int, cancel: Cancel | None = None) -> list[Row]:
         t = Ticket(dataset=self.manifest.name, samples=samples, ops=self._ops, seed=seed, epoch=epoch,
-                   batch_size=min(len(samples), self._rows_per_message))
+                   batch_size=min(len(samples), self._rows_per_message), prefixes=self._prefixes(samples))
         batches, _ = self.clients[node].get(t, on_message=lambda n: self._count(node, n), cancel=cancel)
         rows = [r for b in batches for r in decode_rows(b)]
         with self._lock:

@@ -22,88 +22,19 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nearstore.core.errors import ConfigError, NearstoreError, StoreError
+from nearstore.core.errors import ConfigError, NearstoreError
+from nearstore.node.client import NodeUnavailableError, node_client
+from nearstore.node.spec import CLUSTER_FILE, ClusterSpec, NodeEndpoint, read_token_file, token_from_env
 from nearstore.store.manifest import Manifest, node_dir_name
 
 __all__ = ["NodeEndpoint", "ClusterSpec", "LocalCluster", "NodeOptions", "start_cluster", "start_node",
            "stop_cluster", "stop_node", "CLUSTER_FILE", "ClusterStartError", "token_from_env", "read_token_file"]
 
-CLUSTER_FILE = "cluster.json"
 log = logging.getLogger(__name__)
 
 
 class ClusterStartError(NearstoreError, RuntimeError):
     """A node process did not come up; the message includes its stderr."""
-
-
-class NodeEndpoint(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    node: int
-    uri: str
-    pid: int | None = None
-    metrics: str | None = None  # the node's Prometheus endpoint (http://host:port/metrics), when it has one
-    actor: str | None = None  # the Ray actor serving it (nodes started with `up --ray`)
-
-
-class ClusterSpec(BaseModel):
-    """Where the nodes of a dataset answer. Saved as ``STORE/cluster.json`` by ``nearstore up``."""
-
-    model_config = ConfigDict(extra="forbid")
-    dataset: str
-    nodes: list[NodeEndpoint]
-    token: str | None = None
-    token_file: str | None = None  # read at load time; keeps the secret out of the cluster file
-    tls_root_cert: str | None = None  # PEM file the nodes' certificates chain to (grpc+tls:// endpoints)
-    link_mbps: float | None = None
-    workers_per_node: int = 2
-    ray_address: str | None = None  # nodes are Ray actors of this cluster (nearstore.node.ray) ...
-    ray_namespace: str | None = None  # ... named in this namespace; loaders ask them for moved endpoints
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ClusterSpec":
-        """Read a cluster file; the token is in it, in its ``token_file``, in NEARSTORE_TOKEN or NEARSTORE_TOKEN_FILE."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / CLUSTER_FILE
-        if not path.exists():
-            raise StoreError(f"no cluster file at {path}: start the nodes with `nearstore up {path.parent}`")
-        spec = cls.model_validate_json(path.read_text())
-        if spec.token is None:
-            spec.token = read_token_file(spec.token_file) if spec.token_file else token_from_env()
-        return spec
-
-    def root_certs(self) -> bytes | None:
-        if self.tls_root_cert is None:
-            return None
-        try:
-            return Path(self.tls_root_cert).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"tls_root_cert {self.tls_root_cert}: cannot read it ({exc.strerror})") from None
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.model_dump_json(indent=1))
-        os.replace(tmp, path)
-
-
-def token_from_env() -> str | None:
-    """NEARSTORE_TOKEN, else the first line of the file NEARSTORE_TOKEN_FILE names, else None."""
-    if os.environ.get("NEARSTORE_TOKEN"):
-        return os.environ["NEARSTORE_TOKEN"]
-    path = os.environ.get("NEARSTORE_TOKEN_FILE")
-    if path:
-        return read_token_file(path)
-    return None
-
-
-def read_token_file(path: str | Path) -> str:
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"token file {path}: cannot read it ({exc.strerror})") from None
-    if not token:
-        raise ConfigError(f"token file {path} is empty")
-    return token
 
 
 def _read_port(proc: subprocess.Popen, timeout: float) -> dict:
@@ -139,6 +70,7 @@ class NodeOptions(BaseModel):
     tls_key: str | None = None
     slowdown: float = Field(1.0, ge=1.0)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # node n serves metrics on this + n (0: any free port)
+    ops_modules: list[str] = Field(default_factory=list)  # op modules every node imports (--ops-module)
 
     def metrics_port_of(self, n: int) -> int | None:
         if self.metrics_port is None:
@@ -187,6 +119,8 @@ def _launch_node(store: Path, n: int, opts: NodeOptions, *, port: int, detach: b
         cmd += ["--slowdown", str(opts.slowdown)]
     if opts.metrics_port is not None:
         cmd += ["--metrics-port", str(opts.metrics_port_of(n))]
+    for m in opts.ops_modules:
+        cmd += ["--ops-module", m]
     env = dict(os.environ)
     if opts.token:
         env["NEARSTORE_TOKEN"] = opts.token
@@ -208,8 +142,6 @@ def _await_node(store: Path, n: int, opts: NodeOptions, proc: subprocess.Popen, 
 
 
 def wait_healthy(spec: ClusterSpec, endpoints: list[NodeEndpoint], timeout: float) -> None:
-    from nearstore.node.client import NodeUnavailableError, node_client
-
     deadline = time.monotonic() + timeout
     for ep in endpoints:
         client = node_client(spec, ep.node, timeout=5)

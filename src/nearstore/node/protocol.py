@@ -1,7 +1,9 @@
 """The wire protocol between loaders and storage nodes (Arrow Flight), shared by both sides.
 
 - A **ticket** is a small JSON document (validated by ``Ticket``): dataset
-  name, the sample ids in order (or ranges), the op prefix to run on the node,
+  name, the sample ids in order (or ranges), the ops to run on the node,
+  optionally how many of them each sample gets (``prefixes``, one per
+  sample: a split can differ per sample; absent, every sample gets all),
   seed, epoch, and rows per record batch. Sizes are bounded.
 - The **response** is a stream of record batches with columns ``sample``,
   ``key``, ``label``, ``data`` (the bytes of each output: the stored payload
@@ -10,8 +12,10 @@
   and ``error``/``error_kind`` (null, or why this one sample could not be
   produced: ``checksum`` when the node's copy failed its crc32c, so the
   loader fetches it from a replica; ``decode`` when the sample itself is bad,
-  so every replica would fail the same way). Schema metadata carries the
-  output kind and dtype.
+  so every replica would fail the same way), and ``prefix`` (how many ops the
+  node ran on this sample). Schema metadata carries the output kind and dtype
+  after all of the ticket's ops, and ``dtypes``: a JSON object from every
+  valid prefix to its output dtype ("bytes" for none).
 - Bytes on the wire are counted on both sides as the Arrow IPC message size
   of each record batch (``pyarrow.ipc.get_record_batch_size``).
 """
@@ -51,6 +55,7 @@ class Ticket(BaseModel):
     samples: list[Annotated[int, Field(ge=0)]] | None = None
     ranges: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]] | None = None
     ops: list[dict[str, Any] | str] = Field(default_factory=list, max_length=MAX_OPS)
+    prefixes: list[Annotated[int, Field(ge=0, le=MAX_OPS)]] | None = None
     seed: int = 0
     epoch: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=1, le=4096)
@@ -68,9 +73,20 @@ class Ticket(BaseModel):
             raise ValueError("give exactly one of 'samples' (ids in order) or 'ranges' ([start, stop) pairs)")
         if self.v != 1:
             raise ValueError(f"unsupported ticket version {self.v}; this node speaks version 1")
-        if len(self.ids()) > MAX_SAMPLES:
+        n = len(self.ids())
+        if n > MAX_SAMPLES:
             raise ValueError(f"a ticket may ask for at most {MAX_SAMPLES} samples")
+        if self.prefixes is not None:
+            if len(self.prefixes) != n:
+                raise ValueError(f"'prefixes' has {len(self.prefixes)} entries for {n} samples: give one per sample")
+            if max(self.prefixes, default=0) > len(self.ops):
+                raise ValueError(f"a prefix of {max(self.prefixes)} ops is longer than the ticket's "
+                                 f"{len(self.ops)} ops")
         return self
+
+    def prefix_of(self) -> list[int]:
+        """How many ops each sample gets on the node."""
+        return list(self.prefixes) if self.prefixes is not None else [len(self.ops)] * len(self.ids())
 
     def ids(self) -> list[int]:
         if self.samples is not None:
@@ -105,7 +121,8 @@ def parse_ticket(raw: bytes) -> Ticket:
         raise ConfigError(f"bad ticket: {problems}") from None
 
 
-def response_schema(kind: str, dtype: str) -> pa.Schema:
+def response_schema(kind: str, dtype: str, dtypes: dict[int, str] | None = None) -> pa.Schema:
+    """Columns of a response; ``dtypes``: output dtype after each valid prefix (default: ``dtype`` for all)."""
     return pa.schema(
         [
             ("sample", pa.int64()),
@@ -116,8 +133,9 @@ def response_schema(kind: str, dtype: str) -> pa.Schema:
             ("crc32c", pa.uint32()),
             ("error_kind", pa.string()),
             ("error", pa.string()),
+            ("prefix", pa.int16()),
         ],
-        metadata={"kind": kind, "dtype": dtype},
+        metadata={"kind": kind, "dtype": dtype, "dtypes": json.dumps(dtypes or {})},
     )
 
 
@@ -135,6 +153,7 @@ class Packed(NamedTuple):
     kinds: list[str | None]
     errors: list[str | None]
     offsets: np.ndarray  # int32, len(rows) + 1
+    prefixes: list[int | None]
 
     @property
     def payload_bytes(self) -> int:
@@ -142,7 +161,7 @@ class Packed(NamedTuple):
 
 
 def pack_rows(rows: list[tuple], payload: Callable[[int], Any]) -> Packed:
-    """Copy the outputs of rows (sample, key, label, output[, error_kind, error]) back to back into
+    """Copy the outputs of rows (sample, key, label, output[, error_kind, error[, prefix]]) back to back into
     ``payload(total_bytes)`` (any writable buffer of at least that size) and describe them.
 
     Outputs are bytes or numpy arrays (None for a row that carries an error);
@@ -173,7 +192,7 @@ def pack_rows(rows: list[tuple], payload: Callable[[int], Any]) -> Packed:
     for v, a, b in zip(views, offsets[:-1], offsets[1:]):
         dst[a:b] = np.frombuffer(v, np.uint8)
     return Packed([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], shapes, crcs, kinds, errors,
-                  offsets)
+                  offsets, [r[6] if len(r) > 6 else None for r in rows])
 
 
 def assemble_rows(schema: pa.Schema, packed: Packed, payload: pa.Buffer) -> pa.RecordBatch:
@@ -190,6 +209,7 @@ def assemble_rows(schema: pa.Schema, packed: Packed, payload: pa.Buffer) -> pa.R
             pa.array(packed.crcs, pa.uint32()),
             pa.array(packed.kinds, pa.string()),
             pa.array(packed.errors, pa.string()),
+            pa.array(packed.prefixes, pa.int16()),
         ],
         schema=schema,
     )
@@ -218,12 +238,15 @@ class Row(NamedTuple):
     crc_ok: bool
     error_kind: str | None = None
     error: str | None = None
+    prefix: int | None = None  # how many ops the node ran on this sample
 
 
 def decode_rows(batch: pa.RecordBatch) -> list[Row]:
     """A record batch -> ``Row``s; arrays are zero-copy views into the received buffers."""
     meta = batch.schema.metadata or {}
     dtype = (meta.get(b"dtype") or b"bytes").decode()
+    dtypes = {int(k): v for k, v in json.loads(meta.get(b"dtypes") or b"{}").items()}
+    prefixes = batch.column("prefix").to_pylist() if "prefix" in batch.schema.names else [None] * len(batch)
     col = batch.column("data")
     offsets = np.frombuffer(col.buffers()[1], np.int32, count=len(col) + 1, offset=col.offset * 4)
     payload = col.buffers()[2]
@@ -237,12 +260,13 @@ def decode_rows(batch: pa.RecordBatch) -> list[Row]:
         zip(batch.column("sample").to_pylist(), batch.column("key").to_pylist(), batch.column("label").to_pylist())
     ):
         if kinds[i] is not None:
-            out.append(Row(sample, key, label, None, 0, True, kinds[i], errors[i]))
+            out.append(Row(sample, key, label, None, 0, True, kinds[i], errors[i], prefixes[i]))
             continue
         piece = raw[offsets[i] : offsets[i + 1]]
         ok = crc32c(piece) == int(crcs[i])
-        value: Any = piece.tobytes() if dtype == "bytes" else piece.view(dtype).reshape(shapes[i])
-        out.append(Row(sample, key, label, value, len(piece), ok))
+        dt = dtypes.get(prefixes[i], dtype) if prefixes[i] is not None else dtype
+        value: Any = piece.tobytes() if dt == "bytes" else piece.view(dt).reshape(shapes[i])
+        out.append(Row(sample, key, label, value, len(piece), ok, None, None, prefixes[i]))
     return out
 
 

@@ -34,6 +34,7 @@ from nearstore.core.errors import ConfigError, NearstoreError
 from nearstore.core.memory import MALLOC_ENV, retain_freed_memory
 from nearstore.core.metrics import MetricsServer
 from nearstore.node.cluster import ClusterSpec, ClusterStartError, NodeEndpoint, NodeOptions, wait_healthy
+from nearstore.node.resolve import DEFAULT_NAMESPACE, RayExtraMissingError, RayResolver, _connect, _ray
 from nearstore.node.metrics import NodeCollector
 from nearstore.node.server import NodeServer
 from nearstore.store.manifest import Manifest, node_dir_name
@@ -42,38 +43,15 @@ __all__ = ["RayCluster", "RayResolver", "RayExtraMissingError", "PlacementError"
            "stop_ray_cluster", "resource_name", "NodeActor", "DEFAULT_NAMESPACE"]
 
 log = logging.getLogger(__name__)
-DEFAULT_NAMESPACE = "nearstore"
-RAY_EXTRA = "pip install 'nearstore[ray]' (ray==2.60.0)"
-
-
-class RayExtraMissingError(NearstoreError, ImportError):
-    """Ray is not installed; the message names the extra to install."""
 
 
 class PlacementError(ConfigError):
     """The Ray cluster has no host for some node directory; nothing was started."""
 
 
-def _ray() -> Any:
-    try:
-        import ray  # the optional extra: imported on use so nearstore works without it
-    except ImportError:
-        raise RayExtraMissingError(f"Ray is not installed; nodes on a Ray cluster need the ray extra: {RAY_EXTRA}") \
-            from None
-    return ray
-
-
 def resource_name(n: int) -> str:
     """The custom resource a Ray node declares to hold node directory ``n``."""
     return f"nearstore-{node_dir_name(n)}"
-
-
-def _connect(address: str, namespace: str) -> Any:
-    ray = _ray()
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False,
-                 configure_logging=False)
-    return ray
 
 
 def actor_name(dataset: str, n: int) -> str:
@@ -96,7 +74,7 @@ class NodeActor:
                                      worker_kind=opts.worker_kind,
                                      link_bytes_per_s=opts.link_mbps * 1e6 if opts.link_mbps else None,
                                      token=opts.token, tls_cert=opts.tls_cert, tls_key=opts.tls_key,
-                                     slowdown=opts.slowdown)
+                                     slowdown=opts.slowdown, ops_modules=opts.ops_modules)
         except BaseException:
             if self.metrics is not None:
                 self.metrics.close()
@@ -217,33 +195,6 @@ def stop_ray_cluster(spec: ClusterSpec, timeout: float = 30.0) -> list[str]:
         time.sleep(0.1)
     log.info("stopped node actors %s", stopped)
     return stopped
-
-
-class RayResolver:
-    """node -> its current endpoint, asked of its Ray actor (after a restart it serves on a new port).
-
-    ``ClusterSource`` calls it when a node stops answering; the training
-    process connects to Ray as a driver then, not before.
-    """
-
-    def __init__(self, spec: ClusterSpec, timeout: float = 5.0) -> None:
-        self.spec, self.timeout = spec, timeout
-        self._names = {ep.node: ep.actor for ep in spec.nodes if ep.actor}
-
-    def __call__(self, node: int) -> NodeEndpoint | None:
-        name = self._names.get(node)
-        if name is None or not self.spec.ray_address:
-            return None
-        ns = self.spec.ray_namespace or DEFAULT_NAMESPACE
-        try:
-            ray = _connect(self.spec.ray_address, ns)
-            info = ray.get(ray.get_actor(name, namespace=ns).endpoint.remote(), timeout=self.timeout)
-        except RayExtraMissingError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - restarting, gone, or Ray unreachable: the node stays down
-            log.info("node %d: its Ray actor %s gave no endpoint (%s)", node, name, type(exc).__name__)
-            return None
-        return NodeEndpoint(node=node, uri=info["uri"], pid=info["pid"], metrics=info["metrics"], actor=name)
 
 
 class RayCluster:

@@ -7,7 +7,10 @@ the storage-to-compute link. Every bad request is answered with a precise
 Flight error; nothing a client sends can stop the server.
 
 Run one: ``nearstore node serve --data STORE/node-000 --port 0`` (it prints one
-JSON line with its port when it is ready).
+JSON line with its port when it is ready). Ops beyond the built-in library come
+from the ``nearstore.ops`` entry-point group and ``--ops-module`` (a module
+that fails to import is reported by ``capabilities``; the node serves on with
+the ops it has).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import binascii
 import hmac
+import importlib.metadata
 import json
 import logging
 import os
@@ -25,8 +29,9 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
+import psutil
 import pyarrow as pa
 import pyarrow.flight as flight
 
@@ -34,11 +39,14 @@ from nearstore.core.errors import ConfigError, NearstoreError
 from nearstore.core.memory import MALLOC_ENV, retain_freed_memory
 from nearstore.core.metrics import MetricsServer
 from nearstore.node import derive
-from nearstore.node.cluster import read_token_file, token_from_env
 from nearstore.node.metrics import NodeCollector
+from nearstore.nets import engines
 from nearstore.node.protocol import parse_ticket, wire_bytes
+from nearstore.node.spec import read_token_file, token_from_env
 from nearstore.node.workers import WORKER_KINDS, NodeWork, WorkerCrashedError, WorkerKind, WorkerPool
+from nearstore.ops.base import registry
 from nearstore.ops.pipeline import Pipeline, input_spec_of
+from nearstore.ops.plugins import import_errors, load_op_modules, op_origins
 from nearstore.store.scrub import node_repair, node_scrub, node_shard_index
 
 __all__ = ["NodeServer", "LinkCap", "TokenMiddlewareFactory", "StreamLimits", "main"]
@@ -193,7 +201,7 @@ class NodeServer(flight.FlightServerBase):
     def __init__(self, data: str | Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 2,
                  worker_kind: WorkerKind = "process", link_bytes_per_s: float | None = None,
                  token: str | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
-                 slowdown: float = 1.0, allow_shutdown: bool = False) -> None:
+                 slowdown: float = 1.0, allow_shutdown: bool = False, ops_modules: Sequence[str] = ()) -> None:
         if workers < 1:
             raise ConfigError(f"workers must be >= 1 (got {workers})")
         if worker_kind not in WORKER_KINDS:
@@ -203,6 +211,8 @@ class NodeServer(flight.FlightServerBase):
         self.slowdown = slowdown
         if link_bytes_per_s is not None and link_bytes_per_s <= 0:
             raise ConfigError(f"link cap must be > 0 bytes/s (got {link_bytes_per_s})")
+        self.ops_modules = list(ops_modules)
+        load_op_modules(self.ops_modules)  # here too: this process validates tickets against the registry
         self.work = NodeWork(data, slowdown=slowdown)  # validates tickets here (and runs them on thread workers)
         self.store = self.work.store
         self.node_id = self.store.node_id
@@ -223,7 +233,8 @@ class NodeServer(flight.FlightServerBase):
         self.limits = StreamLimits(budget=READ_AHEAD_BUDGET * workers)
         self._manifest_stamp: tuple[int, int] | None = None
         self._follow_manifest()
-        self.pool = WorkerPool(self.work, workers=workers, kind=worker_kind)  # ready before the first call
+        self.pool = WorkerPool(self.work, workers=workers, kind=worker_kind,  # ready before the first call
+                               ops_modules=self.ops_modules)
         try:
             super().__init__(f"{scheme}://{host}:{port}", middleware=middleware, tls_certificates=certs)
         except (pa.ArrowException, OSError) as exc:
@@ -233,6 +244,17 @@ class NodeServer(flight.FlightServerBase):
     # -- helpers -----------------------------------------------------------------
     def _pipeline(self, ops: list[dict | str]) -> Pipeline:
         return self.work.pipeline(ops)
+
+    def capabilities(self) -> dict:
+        """What this node can run: ops (version, inputs, whether batched, origin), op modules that failed to
+        import, inference engines installed, cores and memory."""
+        origins = op_origins()
+        ops = {name: {"version": cls.version, "inputs": list(cls.inputs), "batched": cls.batched,
+                      "origin": origins.get(name, "builtin")} for name, cls in sorted(registry().items())}
+        mem = psutil.virtual_memory()
+        return {"node": self.node_id, "ops": ops, "import_errors": import_errors(), "ops_modules": self.ops_modules,
+                "engines": {e: _engine_version(e) for e in engines()}, "cores": len(os.sched_getaffinity(0)),
+                "workers": self.workers, "memory_bytes": mem.total, "memory_available_bytes": mem.available}
 
     def _bad(self, msg: str) -> flight.FlightServerError:
         with self.stats.lock:
@@ -277,6 +299,12 @@ class NodeServer(flight.FlightServerBase):
             self._check_dataset(t.dataset)
             ids = t.ids()
             schema = self.work.schema(t.ops, batch_size=t.batch_size, copies=self.workers)  # validates the ops here
+            if t.prefixes is not None:
+                valid = set(self._pipeline(t.ops).valid_splits)
+                wrong = sorted(set(t.prefixes) - valid)
+                if wrong:
+                    raise ConfigError(f"prefixes {wrong} are not valid splits of the ticket's ops; valid: "
+                                      f"{sorted(valid)}")
         except (ConfigError, ValueError) as exc:
             raise self._bad(str(exc)) from None
         n = len(self.store)
@@ -293,20 +321,23 @@ class NodeServer(flight.FlightServerBase):
         if log.isEnabledFor(logging.DEBUG):  # context.peer() is not free: only when the line is written
             log.debug("node %s: %d samples, %d ops, epoch %d, from %s", self.node_id, len(ids), len(t.ops), t.epoch,
                       context.peer())
-        per_row = self.work.pipeline(t.ops).declare(input_spec_of(self.store.manifest))[-1].bytes or 1.0
-        rows = max(1, min(t.batch_size, int(MAX_MESSAGE_BYTES // per_row)))
-        return flight.GeneratorStream(schema, self._stream(t.ops, t.seed, t.epoch, ids, rows, context, lease))
+        specs = self.work.pipeline(t.ops).declare(input_spec_of(self.store.manifest))
+        per_row = max(specs[k].bytes for k in set(t.prefix_of())) if ids else 1.0  # the largest rows it sends
+        rows = max(1, min(t.batch_size, int(MAX_MESSAGE_BYTES // (per_row or 1.0))))
+        return flight.GeneratorStream(schema, self._stream(t.ops, t.seed, t.epoch, ids, t.prefixes, rows, context,
+                                                           lease))
 
-    def _stream(self, ops: list, seed: int, epoch: int, ids: list[int], batch_size: int,
-                context, lease: _Lease) -> Iterator[pa.RecordBatch]:  # noqa: ANN001
+    def _stream(self, ops: list, seed: int, epoch: int, ids: list[int], prefixes: list[int] | None,
+                batch_size: int, context, lease: _Lease) -> Iterator[pa.RecordBatch]:  # noqa: ANN001
         """Record batches of ``batch_size`` rows, built on the workers a few ahead, sent in order."""
-        chunks = iter([ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
+        chunks = iter([(ids[i : i + batch_size], None if prefixes is None else prefixes[i : i + batch_size])
+                       for i in range(0, len(ids), batch_size)])
         pending: deque[Future] = deque()
         with self.stats.lock:
             self.stats.in_flight += 1
         try:
-            for chunk in chunks:
-                pending.append(self.pool.submit(ops, chunk, seed, epoch))
+            for chunk, pre in chunks:
+                pending.append(self.pool.submit(ops, chunk, seed, epoch, pre))
                 if len(pending) >= self.limits.window(2 * self.workers):
                     break
             while pending:
@@ -326,7 +357,7 @@ class NodeServer(flight.FlightServerBase):
                     nxt = next(chunks, None)
                     if nxt is None:
                         break
-                    pending.append(self.pool.submit(ops, nxt, seed, epoch))
+                    pending.append(self.pool.submit(ops, nxt[0], seed, epoch, nxt[1]))
                 size = wire_bytes(batch)
                 waited = self.link.send(size)
                 with self.stats.lock:
@@ -353,6 +384,7 @@ class NodeServer(flight.FlightServerBase):
         return [("health", "liveness and what this node holds"), ("stats", "counters since start"),
                 ("manifest", "the store's manifest"),
                 ("profile", "run an op chain on n samples: per-stage seconds and output bytes"),
+                ("capabilities", "ops and their versions, op import errors, engines, cores, memory"),
                 ("scrub", "check every copy this node holds (indexes, samples, tar bytes)"),
                 ("shard_index", "this node's verified index of a shard (base64), for a repair elsewhere"),
                 ("repair", "rebuild this node's copy of a shard from its good samples and the ones sent"),
@@ -379,6 +411,8 @@ class NodeServer(flight.FlightServerBase):
             result = json.loads(self.store.manifest.dumps())
         elif kind == "profile":
             result = self._profile(body)
+        elif kind == "capabilities":
+            result = self.capabilities()
         elif kind in ("scrub", "shard_index", "repair"):
             result = self._maintenance(kind, body)
         elif kind == "shutdown":
@@ -443,6 +477,15 @@ class NodeServer(flight.FlightServerBase):
         self.work.close()
 
 
+def _engine_version(engine: str) -> str | None:
+    """The installed version of the package behind a network engine (read from metadata: nothing imported)."""
+    dist = "torch" if engine == "pytorch" else engine.split("-")[0]
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nearstore node serve", description="Serve one node directory over Flight.")
     ap.add_argument("--data", required=True, help="the node directory (STORE/node-XXX)")
@@ -468,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                     help="log to stderr at this level (DEBUG: one line per request; default INFO or $%s)"
                     % LOG_LEVEL_ENV)
+    ap.add_argument("--ops-module", action="append", default=[], metavar="MODULE",
+                    help="import ops from this module (dotted name or .py file; repeatable); one that fails to "
+                         "import is reported by the capabilities action, and the node serves its other ops")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     retain_freed_memory()  # this process is the server's own: reuse freed message buffers
@@ -481,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                             worker_kind=args.worker_kind,
                             link_bytes_per_s=args.link_mbps * 1e6 if args.link_mbps else None, token=token,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, slowdown=args.slowdown,
-                            allow_shutdown=args.allow_shutdown)
+                            allow_shutdown=args.allow_shutdown, ops_modules=args.ops_module)
     except NearstoreError as exc:
         log.error("%s", exc)
         if metrics is not None:

@@ -41,11 +41,12 @@ from typing import Any, Callable, Literal
 import psutil
 import pyarrow as pa
 
-from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError, StoreError
+from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, StoreError
 from nearstore.core.memory import BlockPool
 from nearstore.node.protocol import Packed, assemble_rows, encode_rows, pack_rows, response_schema
 from nearstore.ops.image import worker_init
 from nearstore.ops.pipeline import Pipeline, input_spec_of
+from nearstore.ops.plugins import load_op_modules
 from nearstore.store.store import Store
 
 __all__ = ["NodeWork", "WorkerPool", "WorkerCrashedError", "WORKER_KINDS"]
@@ -88,15 +89,15 @@ class NodeWork:
         return p
 
     def schema(self, ops: list, *, batch_size: int | None = None, copies: int = 1) -> pa.Schema:
-        """The response schema for ``ops`` on this store. With ``batch_size`` (a new request), refuses
-        (``ConfigError``) ops whose declared memory, ``copies`` workers each holding the parameters and a
-        batch of ``batch_size`` samples, exceeds the node's."""
+        """The response schema for ``ops`` on this store (the dtype after every valid prefix in its metadata).
+        With ``batch_size`` (a new request), refuses (``ConfigError``) ops whose declared memory, ``copies``
+        workers each holding the parameters and a batch of ``batch_size`` samples, exceeds the node's."""
         pipe = self.pipeline(ops)
         specs = pipe.declare(input_spec_of(self.store.manifest))
         if batch_size is not None:
             self._check_memory(pipe, specs, batch_size, copies)
-        spec = specs[-1]
-        return response_schema(spec.kind, "bytes" if not pipe.ops else spec.dtype)
+        dtypes = {k: ("bytes" if k == 0 else specs[k].dtype) for k in pipe.valid_splits}
+        return response_schema(specs[-1].kind, dtypes[len(pipe.ops)], dtypes)
 
     def _check_memory(self, pipe: Pipeline, specs: list, batch_size: int, copies: int) -> None:
         params = sum(s.param_bytes for s in specs[1:])
@@ -113,50 +114,62 @@ class NodeWork:
                 f"{need / 1e6:.1f} MB, but it has {have / 1e6:.1f} MB of memory; use a smaller network or cut, a "
                 "smaller batch_size, or run these ops on the host")
 
-    def rows(self, ops: list, ids: list[int], seed: int, epoch: int) -> tuple[list[tuple], dict]:
-        """The response rows for ``ids`` and the stats they add (read time and bytes, op time, errors)."""
+    def rows(self, ops: list, ids: list[int], seed: int, epoch: int,
+             prefixes: list[int] | None = None) -> tuple[list[tuple], dict]:
+        """The response rows for ``ids`` (sample i gets ``prefixes[i]`` ops, default all) and the stats they
+        add (read time and bytes, op time, errors). The ops run on the whole chunk as one batch.
+
+        A bad sample is a row, not a failure: ``checksum``/``read`` when this
+        node's copy is bad (the loader asks a replica), ``decode`` when the
+        sample itself is (every copy would fail).
+        """
         pipe = self.pipeline(ops)
         delta = _new_delta()
         delta["processed"] = len(ids)
-        return [self._row(pipe, sid, seed, epoch, delta) for sid in ids], delta
+        stops = [len(pipe.ops)] * len(ids) if prefixes is None else list(prefixes)
+        rows: list[tuple | None] = [None] * len(ids)
+        good: list[tuple[int, int, Any, Any]] = []  # (position, sample, data, ref)
+        for pos, sample in enumerate(ids):
+            t0 = time.perf_counter()
+            try:
+                data, ref = self.store.read(sample)
+            except StoreError as exc:
+                kind = "checksum" if isinstance(exc, ChecksumError) else "read"
+                try:  # only on failure: which key it was (the shard's index may itself be unreadable)
+                    bad = self.store.ref(sample)
+                    rows[pos] = self._error(delta, sample, bad.key, bad.label, kind, exc, stops[pos])
+                except StoreError:
+                    rows[pos] = self._error(delta, sample, f"#{sample}", -1, kind, exc, stops[pos])
+                continue
+            delta["read_seconds"] += time.perf_counter() - t0
+            delta["read_bytes"] += len(data)
+            good.append((pos, sample, data, ref))
+        outs: list = [None] * len(good)
+        errors: list = [None] * len(good)
+        if good:
+            timings: dict[str, float] = {}
+            errors = pipe.run_batch([g[2] for g in good], keys=[g[3].key for g in good], seed=seed, epoch=epoch,
+                                    stops=[stops[g[0]] for g in good], timings=timings, out=outs)
+            self.slow(timings)
+            for k, v in timings.items():
+                delta["op_seconds"][k] = delta["op_seconds"].get(k, 0.0) + v
+        for (pos, sample, _, ref), out, err in zip(good, outs, errors):
+            if err is not None:
+                rows[pos] = self._error(delta, sample, ref.key, ref.label, "decode", err, stops[pos])
+            else:
+                rows[pos] = (sample, ref.key, ref.label, out, None, None, stops[pos])
+        return rows, delta  # type: ignore[return-value]
 
-    def message(self, ops: list, ids: list[int], seed: int, epoch: int) -> tuple[pa.RecordBatch, dict]:
+    def message(self, ops: list, ids: list[int], seed: int, epoch: int,
+                prefixes: list[int] | None = None) -> tuple[pa.RecordBatch, dict]:
         """The record batch for ``ids`` and its stats delta (the thread workers' whole task)."""
-        rows, delta = self.rows(ops, ids, seed, epoch)
+        rows, delta = self.rows(ops, ids, seed, epoch, prefixes)
         return encode_rows(self.schema(ops), rows), delta
 
-    def _row(self, pipe: Pipeline, sample: int, seed: int, epoch: int, delta: dict) -> tuple:
-        """(sample, key, label, output, error_kind, error) for one sample; a bad sample is a row, not a failure.
-
-        ``checksum``/``read``: this node's copy is bad (the loader asks a
-        replica); ``decode``: the sample itself is bad (every copy would fail).
-        """
-        t0 = time.perf_counter()
-        try:
-            data, ref = self.store.read(sample)
-        except StoreError as exc:
-            kind = "checksum" if isinstance(exc, ChecksumError) else "read"
-            try:  # only on failure: which key it was (the shard's index may itself be unreadable)
-                bad = self.store.ref(sample)
-                return self._error(delta, sample, bad.key, bad.label, kind, exc)
-            except StoreError:
-                return self._error(delta, sample, f"#{sample}", -1, kind, exc)
-        t1 = time.perf_counter()
-        timings: dict[str, float] = {}
-        try:
-            out = pipe.run(data, key=ref.key, seed=seed, epoch=epoch, timings=timings) if pipe.ops else data
-        except SampleDecodeError as exc:
-            return self._error(delta, sample, ref.key, ref.label, "decode", exc)
-        self.slow(timings)
-        delta["read_seconds"] += t1 - t0
-        delta["read_bytes"] += len(data)
-        for k, v in timings.items():
-            delta["op_seconds"][k] = delta["op_seconds"].get(k, 0.0) + v
-        return sample, ref.key, ref.label, out, None, None
-
-    def _error(self, delta: dict, sample: int, key: str, label: int, kind: str, exc: Exception) -> tuple:
+    def _error(self, delta: dict, sample: int, key: str, label: int, kind: str, exc: Exception,
+               prefix: int) -> tuple:
         delta["errors_by_kind"][kind] = delta["errors_by_kind"].get(kind, 0) + 1
-        return sample, key, label, None, kind, f"node {self.store.node_id}: {exc}"
+        return sample, key, label, None, kind, f"node {self.store.node_id}: {exc}", prefix
 
     def slow(self, timings: dict[str, float]) -> None:
         """Emulate a weaker node CPU: ops take ``slowdown`` times as long (the extra is idle time)."""
@@ -200,10 +213,12 @@ _WORK: NodeWork | None = None
 _BARRIER: "threading.Barrier | None" = None
 
 
-def _init_process(data: str, slowdown: float, out_dir: str, barrier: "threading.Barrier") -> None:
+def _init_process(data: str, slowdown: float, out_dir: str, barrier: "threading.Barrier",
+                  ops_modules: list[str]) -> None:
     global _WORK, _BARRIER
     _BARRIER = barrier
     worker_init()
+    load_op_modules(ops_modules)  # the node's op modules (an import error is reported by the server)
     _WORK = NodeWork(data, slowdown=slowdown)
     threading.Thread(target=_watch_parent, args=(out_dir,), daemon=True, name="nearstore-parent-watch").start()
 
@@ -218,11 +233,11 @@ def _watch_parent(out_dir: str) -> None:
     os._exit(0)
 
 
-def _message_in_process(ops: list, ids: list[int], seed: int, epoch: int,
+def _message_in_process(ops: list, ids: list[int], seed: int, epoch: int, prefixes: list[int] | None,
                         slot: tuple[str, int] | None) -> tuple[Packed, pa.Buffer | None, dict]:
     """Copy the outputs for ``ids`` into ``slot`` (path, size) when they fit, else return them by pickle."""
     assert _WORK is not None, "worker not initialized"
-    rows, delta = _WORK.rows(ops, ids, seed, epoch)
+    rows, delta = _WORK.rows(ops, ids, seed, epoch, prefixes)
     delta["cpu"] = (os.getpid(), time.process_time())
     inline: list[pa.Buffer] = []
 
@@ -308,12 +323,14 @@ class WorkerPool:
     (freeing its slot).
     """
 
-    def __init__(self, work: NodeWork, *, workers: int, kind: WorkerKind = "process") -> None:
+    def __init__(self, work: NodeWork, *, workers: int, kind: WorkerKind = "process",
+                 ops_modules: list[str] | None = None) -> None:
         if workers < 1:
             raise ConfigError(f"workers must be >= 1 (got {workers})")
         if kind not in WORKER_KINDS:
             raise ConfigError(f"worker kind must be one of {', '.join(WORKER_KINDS)} (got {kind!r})")
         self.work, self.workers, self.kind = work, workers, kind
+        self.ops_modules = list(ops_modules or [])
         self.restarts = 0
         self.pids: list[int] = [os.getpid()] if kind == "thread" else []  # the processes that run ops
         self._cpu_by_pid: dict[int, float] = {}
@@ -334,7 +351,7 @@ class WorkerPool:
         ctx.set_forkserver_preload(["nearstore.node.workers", "torch"])
         pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_process,
                                    initargs=(str(self.work.store.path), self.work.slowdown, self._dir,
-                                             ctx.Barrier(self.workers)))
+                                             ctx.Barrier(self.workers), self.ops_modules))
         # start them all now: the first request should not wait for them
         self.pids = [f.result() for f in [pool.submit(_ready) for _ in range(self.workers)]]
         return pool
@@ -368,13 +385,14 @@ class WorkerPool:
         with self._lock:
             self._cpu_by_pid[cpu[0]] = cpu[1]
 
-    def submit(self, ops: list, ids: list[int], seed: int, epoch: int) -> Future:
-        """Start building the record batch for ``ids`` on a worker."""
+    def submit(self, ops: list, ids: list[int], seed: int, epoch: int, prefixes: list[int] | None = None) -> Future:
+        """Start building the record batch for ``ids`` (sample i gets ``prefixes[i]`` ops) on a worker."""
         if self.kind == "thread":
-            return self._submit(self.work.message, ops, ids, seed, epoch)
+            return self._submit(self.work.message, ops, ids, seed, epoch, prefixes)
         slot = self._slots.take()
         try:
-            fut = self._submit(_message_in_process, ops, ids, seed, epoch, (slot.path, slot.size) if slot else None)
+            fut = self._submit(_message_in_process, ops, ids, seed, epoch, prefixes,
+                               (slot.path, slot.size) if slot else None)
         except BaseException:
             if slot:
                 self._slots.give_back(slot)

@@ -6,6 +6,13 @@ grouped into stages: decode_jpeg directly followed by a geometry op
 DCT-scaled decoding). A split may fall only between stages, so a sample's
 output is bit-identical for every valid split. ``declare`` gives the spec after
 every op boundary without running anything.
+
+``run_batch`` runs a batch of samples, each from its own split (how far it was
+already processed) to a common stop: runs of per-sample stages go sample by
+sample (a sample stays in cache through them, as it always did), and a stage
+whose op batches (``Op.batched``) runs once over the batch's samples that
+reach it. A sample that fails (``SampleDecodeError``) is reported in its slot
+of the returned errors and leaves the others untouched.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from nearstore.core.errors import ConfigError, OpParamError
-from nearstore.ops.base import Op, Spec, make_op, rng_reused
+from nearstore.core.errors import ConfigError, OpParamError, SampleDecodeError
+from nearstore.ops.base import Op, Spec, make_op, rng_for, rng_reused
 from nearstore.ops.image import DecodeJpeg, GeometryOp, decode_geometry
+from nearstore.ops.plugins import import_errors, load_op_modules
 
 __all__ = ["Pipeline", "Stage", "input_spec", "input_spec_of", "standard_train", "SPLIT_NAMES"]
 
@@ -35,6 +43,12 @@ class Stage:
     fn: Callable[[Any, np.random.Generator | None], Any]
     rng_position: int | None
     into: Callable[[Any, np.random.Generator | None, np.ndarray], None] | None = None
+    op: Op | None = None  # the op of a one-op stage (None for a fused stage)
+
+    @property
+    def batched(self) -> bool:
+        """Whether the stage runs once per batch (its op overrides ``run_batch``)."""
+        return self.op is not None and self.op.batched
 
     def run_into(self, x: Any, rng: np.random.Generator | None, out: np.ndarray) -> None:
         if self.into is not None:
@@ -61,7 +75,15 @@ class Pipeline:
     """
 
     def __init__(self, ops: Iterable[dict | str | Op] = ()) -> None:
-        self.ops: list[Op] = [make_op(o) for o in ops]
+        load_op_modules()  # ops of the nearstore.ops entry-point group (imported once per process)
+        try:
+            self.ops: list[Op] = [make_op(o) for o in ops]
+        except OpParamError as exc:
+            failed = import_errors()
+            if not failed or "unknown op" not in str(exc):
+                raise
+            lines = "; ".join(f"{src}: {err.strip().splitlines()[-1]}" for src, err in failed.items())
+            raise OpParamError(f"{exc}; op modules that failed to import here: {lines}") from None
         self.stages: list[Stage] = self._group()
 
     def _group(self) -> list[Stage]:
@@ -78,7 +100,7 @@ class Pipeline:
                 )
                 i += 2
             else:
-                stages.append(Stage(i, i + 1, op.name, op, i if op.random else None, op.into))
+                stages.append(Stage(i, i + 1, op.name, op, i if op.random else None, op.into, op))
                 i += 1
         return stages
 
@@ -124,6 +146,19 @@ class Pipeline:
             specs.append(op.declare(specs[-1]))
         return specs
 
+    def declare_stages(self, spec: Spec) -> list[Spec]:
+        """Per stage: the spec after it, with the stage's cost (its ops' MACs and parameter bytes summed, the
+        largest resident bytes, where all of them can run). What the planner and the designer both read."""
+        specs = self.declare(spec)
+        out = []
+        for st in self.stages:
+            produced = specs[st.start + 1 : st.stop + 1]
+            where = tuple(w for w in produced[0].where if all(w in s.where for s in produced))
+            out.append(specs[st.stop].with_(where=where or ("cpu",), macs=sum(s.macs for s in produced),
+                                            param_bytes=sum(s.param_bytes for s in produced),
+                                            resident_bytes=max(s.resident_bytes for s in produced)))
+        return out
+
     def run(
         self,
         x: Any,
@@ -136,28 +171,145 @@ class Pipeline:
         timings: dict[str, float] | None = None,
         out: np.ndarray | None = None,
     ) -> Any:
-        """Run ops[start:stop] on one sample (both must be valid splits).
+        """Run ops[start:stop] on one sample (both must be valid splits): a batch of one.
 
-        With ``out`` (a batch slot of the declared output shape) the result is
-        written there and None is returned.
+        With ``out`` (a slot of the declared output shape) the result is
+        written there and None is returned. A failing sample raises its error.
         """
-        stop = len(self.ops) if stop is None else stop
-        todo = [st for st in self.stages if st.start >= start and st.stop <= stop]
-        if out is not None and not todo:
-            out[...] = x
-            return None
-        last = len(todo) - 1
-        for n, st in enumerate(todo):
-            rng = rng_reused(seed, epoch, key, st.rng_position) if st.rng_position is not None else None
-            t0 = time.perf_counter()
-            if out is not None and n == last:
-                st.run_into(x, rng, out)
-                x = None
+        box: list | np.ndarray = [None] if out is None else out[None]
+        err = self.run_batch([x], keys=[key], seed=seed, epoch=epoch, starts=start, stops=stop, timings=timings,
+                             out=box)[0]
+        if err is not None:
+            raise err
+        return None if out is not None else box[0]
+
+    def run_batch(
+        self,
+        xs: Sequence[Any],
+        *,
+        keys: Sequence[str],
+        seed: int,
+        epoch: int,
+        starts: int | Sequence[int] = 0,
+        stops: int | Sequence[int] | None = None,
+        timings: dict[str, float] | None = None,
+        out: np.ndarray | list,
+    ) -> list[SampleDecodeError | None]:
+        """Run ops[starts[i]:stops[i]] on sample ``xs[i]`` into ``out[i]``; returns each sample's error (or None).
+
+        ``starts`` and ``stops`` are one split for all samples or one per sample
+        (the host finishes samples that nodes processed to different depths;
+        a node runs each sample to its own depth); all must be valid splits
+        (``stops`` default: all ops). ``out`` is a list whose entries are set,
+        or, when every sample stops at the same split, an array of the declared
+        output shape (one slot per sample). A sample's bits do not depend on
+        the other samples, their splits, or how they are grouped.
+        """
+        n = len(xs)
+        first = [starts] * n if isinstance(starts, int) else [int(s) for s in starts]
+        stops = len(self.ops) if stops is None else stops
+        end = [stops] * n if isinstance(stops, int) else [int(s) for s in stops]
+        if len(first) != n or len(end) != n or len(keys) != n:
+            raise ConfigError(f"run_batch: {n} samples but {len(keys)} keys, {len(first)} starts, {len(end)} stops")
+        valid = self.valid_splits
+        for k in {*first, *end}:
+            if k not in valid:
+                raise ConfigError(f"split {k} is not valid for {self!r}; valid splits: {valid}")
+        if any(a > b for a, b in zip(first, end)):
+            raise ConfigError("a sample's start is past its stop: "
+                              f"{next((a, b) for a, b in zip(first, end) if a > b)}")
+        into = isinstance(out, np.ndarray)
+        if into and len(set(end)) > 1:
+            raise ConfigError("run_batch writes into an array only when every sample stops at the same split; "
+                              "pass a list as out")
+        errors: list[SampleDecodeError | None] = [None] * n
+        cur = list(xs)
+        lo, hi = min(first, default=0), max(end, default=0)
+        todo = [st for st in self.stages if st.start >= lo and st.stop <= hi]
+        last = todo[-1] if todo else None
+        i = 0
+        while i < len(todo):  # segments: a batched stage alone, or a run of per-sample stages
+            j = i + 1
+            if not todo[i].batched:
+                while j < len(todo) and not todo[j].batched:
+                    j += 1
+            segment = todo[i:j]
+            if segment[0].batched:
+                self._batched_stage(segment[0], cur, errors, first, end, keys, seed, epoch, timings,
+                                    out if segment[0] is last and into else None)
             else:
-                x = st.fn(x, rng)
-            if timings is not None:
-                timings[st.name] = timings.get(st.name, 0.0) + time.perf_counter() - t0
-        return x
+                self._sample_stages(segment, cur, errors, first, end, keys, seed, epoch, timings,
+                                    out if segment[-1] is last and into else None)
+            i = j
+        for s in range(n):  # list outputs, and samples with nothing to run
+            if errors[s] is None:
+                if not into:
+                    out[s] = cur[s]
+                elif first[s] == end[s]:
+                    out[s][...] = cur[s]
+        return errors
+
+    @staticmethod
+    def _sample_stages(segment: list[Stage], cur: list, errors: list, first: list[int], end: list[int],
+                       keys: Sequence[str], seed: int, epoch: int, timings: dict[str, float] | None,
+                       out: np.ndarray | None) -> None:
+        """Per-sample stages, sample by sample; the segment's last output goes to ``out[s]`` when given."""
+        final = segment[-1]
+        for s in range(len(cur)):
+            if errors[s] is not None:
+                continue
+            x = cur[s]
+            try:
+                for st in segment:
+                    if st.start < first[s] or st.stop > end[s]:
+                        continue
+                    rng = rng_reused(seed, epoch, keys[s], st.rng_position) if st.rng_position is not None else None
+                    t0 = time.perf_counter()
+                    if out is not None and st is final:
+                        st.run_into(x, rng, out[s])
+                        x = None
+                    else:
+                        x = st.fn(x, rng)
+                    if timings is not None:
+                        timings[st.name] = timings.get(st.name, 0.0) + time.perf_counter() - t0
+            except SampleDecodeError as exc:
+                errors[s], x = exc, None
+            cur[s] = x
+
+    @staticmethod
+    def _batched_stage(st: Stage, cur: list, errors: list, first: list[int], end: list[int], keys: Sequence[str],
+                       seed: int, epoch: int, timings: dict[str, float] | None, out: np.ndarray | None) -> None:
+        """One batched op over the samples that reach it; a failing batch is rerun sample by sample."""
+        assert st.op is not None
+        active = [s for s in range(len(cur)) if errors[s] is None and first[s] <= st.start and st.stop <= end[s]]
+        if not active:
+            return
+        whole = out is not None and len(active) == len(cur)
+        dst: np.ndarray | list = out if whole else [None] * len(active)  # type: ignore[assignment]
+        rngs = [rng_for(seed, epoch, keys[s], st.rng_position) if st.rng_position is not None else None
+                for s in active]
+        t0 = time.perf_counter()
+        try:
+            st.op.run_batch([cur[s] for s in active], rngs, dst)
+        except SampleDecodeError:  # find the bad sample(s): a sample's bits do not depend on its batch
+            for n, s in enumerate(active):
+                one: list = [None]
+                try:
+                    st.op.run_batch([cur[s]], [rngs[n]], one)
+                    dst[n] = one[0]
+                except SampleDecodeError as exc:
+                    errors[s] = exc
+        if timings is not None:
+            timings[st.name] = timings.get(st.name, 0.0) + time.perf_counter() - t0
+        for n, s in enumerate(active):
+            if errors[s] is not None:
+                cur[s] = None
+            elif out is not None:
+                if not whole:
+                    out[s][...] = dst[n]
+                cur[s] = None
+            else:
+                cur[s] = dst[n]
 
 
 def standard_train(size: int = 224, *, normalize: bool = True) -> Pipeline:

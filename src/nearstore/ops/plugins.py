@@ -104,3 +104,4 @@ def op_origins() -> dict[str, str]:
     """Registered op name -> where it came from ("builtin", or the module / entry point)."""
     with _LOCK:
         return {name: _ORIGIN.get(name, "builtin") for name in base.registry()}
+

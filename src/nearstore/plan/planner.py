@@ -32,12 +32,17 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
 import numpy as np
 
 from nearstore.core.checksum import crc32c
 from nearstore.core.errors import ConfigError
 from nearstore.model.core import Resource, Stage, evaluate
+from nearstore.model.placement import Placement, Site, StageCost, place
+from nearstore.node.client import ClusterSource, node_client
 from nearstore.ops.image import worker_init
+from nearstore.ops.base import Spec
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 
 __all__ = ["Measurements", "SplitPrediction", "Plan", "measure", "predict", "plan", "ROW_OVERHEAD_BYTES"]
@@ -83,6 +88,7 @@ class Measurements:
     step_time: float | None = None
     batch_size: int = 64
     samples_per_epoch: int = 0  # a short last batch per epoch lowers the mean batch the accelerator gets
+    stage_macs: list[float] = field(default_factory=list)  # declared multiply-accumulates per sample, per stage
 
     @property
     def mean_batch(self) -> float:
@@ -104,6 +110,7 @@ class SplitPrediction:
     bottleneck: str
     bytes_per_sample: float
     utilization: dict[str, float]
+    node_macs_per_sample: float = 0.0  # multiply-accumulates each sample gets on the nodes (declared by the ops)
 
 
 @dataclass
@@ -118,32 +125,45 @@ class Plan:
                 "measurements": asdict(self.measurements)}
 
 
+def _costs(names: list[str], seconds: list[float], out_bytes: list[float], macs: list[float]) -> list[StageCost]:
+    return [StageCost(name=n, core_s=s, out_bytes=b, macs=c) for n, s, b, c in zip(names, seconds, out_bytes, macs)]
+
+
+def sites(m: Measurements) -> tuple[list[Site], Site]:
+    """The nodes (storage side, each with its share of the samples and its own measured costs) and the host."""
+    macs = m.stage_macs or [0.0] * len(m.stage_names)
+    nodes = [Site(cpu=f"node{n}", share=m.node_share[n], costs=_costs(m.stage_names, m.node_stage_s[n], m.out_bytes,
+                                                                      macs),
+                  input_bytes=m.node_raw_bytes[n], fixed_s=m.node_read_s[n], byte_s=m.send_s_per_byte,
+                  link={f"link{n}": 1.0} if m.link_bytes_per_s else {},
+                  also={"cpu": 1.0 / m.node_slowdown[n]} if m.colocated else {})
+             for n in range(m.nodes)]
+    host = Site(cpu="host_threads", costs=_costs(m.stage_names, m.host_stage_s, m.out_bytes, macs),
+                byte_s=m.recv_s_per_byte, also={"cpu": 1.0} if m.colocated else {})
+    return nodes, host
+
+
 def predict(m: Measurements) -> list[SplitPrediction]:
-    """Evaluate every valid split with the model."""
+    """Evaluate every valid split with the model (the placement of stages[:i] on the nodes: ``model.place``)."""
     res = [Resource(name=f"node{i}", rate=m.node_workers, unit="thread-s") for i in range(m.nodes)]
     res.append(Resource(name="host_threads", rate=m.host_workers, unit="thread-s"))
     if m.colocated:
         res.append(Resource(name="cpu", rate=m.cores, unit="core-s"))
     if m.link_bytes_per_s:
         res += [Resource(name=f"link{i}", rate=m.link_bytes_per_s) for i in range(m.nodes)]
+    nodes, host = sites(m)
+    macs = m.stage_macs or [0.0] * len(m.stage_names)
     out = []
-    for k in [0, *m.stage_stops]:
-        on_node = [i for i, stop in enumerate(m.stage_stops) if stop <= k]
+    for i, k in enumerate([0, *m.stage_stops]):
+        placed = place(Placement(i), _costs(m.stage_names, m.host_stage_s, m.out_bytes, macs), storage=nodes,
+                       compute=host, input_bytes=m.raw_bytes, frame_bytes=ROW_OVERHEAD_BYTES)
         demands: dict[str, float] = {}
-        cpu = 0.0
-        for n in range(m.nodes):
-            wire_n = m.wire_bytes(k, n)
-            t = m.node_share[n] * (m.node_read_s[n] + sum(m.node_stage_s[n][i] for i in on_node)
-                                   + wire_n * m.send_s_per_byte)
-            demands[f"node{n}"] = t
-            cpu += t / m.node_slowdown[n]
-            if m.link_bytes_per_s:
-                demands[f"link{n}"] = m.node_share[n] * wire_n
+        for st in placed:
+            for r, d in st.demands.items():
+                demands[r] = demands.get(r, 0.0) + d
         wire = sum(m.node_share[n] * m.wire_bytes(k, n) for n in range(m.nodes))
-        host = sum(s for i, s in enumerate(m.host_stage_s) if i not in on_node) + wire * m.recv_s_per_byte
-        demands["host_threads"] = host
-        if m.colocated:
-            demands["cpu"] = m.cpu_measured.get(k, cpu + host)
+        if m.colocated and k in m.cpu_measured:
+            demands["cpu"] = m.cpu_measured[k]
         step_res = []
         if m.step_time:
             step = m.step_time + m.wake_s.get(k, 0.0)
@@ -154,9 +174,9 @@ def predict(m: Measurements) -> list[SplitPrediction]:
             cpu_res = Resource(name="cpu", rate=m.busy_cores[k], unit="core-s")
             ev = evaluate([cpu_res if r.name == "cpu" else r for r in res] + step_res,
                           [Stage(name=f"split {k}", demands=demands)])
-        out.append(SplitPrediction(split=k, node_stages=[m.stage_names[i] for i in on_node],
+        out.append(SplitPrediction(split=k, node_stages=m.stage_names[:i],
                                    samples_per_s=ev.samples_per_s, bottleneck=ev.bottleneck or "-",
-                                   bytes_per_sample=wire,
+                                   bytes_per_sample=wire, node_macs_per_sample=sum(macs[:i]),
                                    utilization={n: round(u, 3) for n, u in ev.utilization.items()}))
     return out
 
@@ -246,7 +266,7 @@ def _host_stage_seconds(pipeline: Pipeline, raw: list, rounds: int = 3) -> list[
     return [float(np.median([r[i] for r in per_round])) for i in range(len(stages))]
 
 
-def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: ANN001
+def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int, loader: Callable[..., Any],  # noqa: ANN001
                     min_seconds: float = 1.0) -> tuple[float, float, float]:
     """Run the loader at split k for a moment (64-512 samples and at least ``min_seconds``): (CPU s per
     sample over every process, cores busy, wake-up lag).
@@ -255,9 +275,6 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
     (its ``stats`` action), so emulated slowdowns (sleep) and link waits do
     not count; the loader's start-up is not counted either.
     """
-    from nearstore.loader.loader import Loader
-    from nearstore.node.client import node_client
-
     n = int(min(512, max(64, 48e6 / m.wire_bytes(k))))
     lags: list[float] = []
     stop = threading.Event()
@@ -272,7 +289,7 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int,  # noqa: 
     clients = [node_client(spec, ep.node) for ep in spec.nodes]
     try:
         # the loader that will run: its batch size and prefetch (per-batch work is amortized over the batch)
-        with Loader(cluster=spec, pipeline=pipeline, split=k, batch_size=m.batch_size,
+        with loader(cluster=spec, pipeline=pipeline, split=k, batch_size=m.batch_size,
                     workers=m.host_workers, seed=12345) as ld:
             seen = built0 = 0
             before: list[dict] = []
@@ -319,7 +336,8 @@ def _settled_stats(clients: list, timeout: float = 2.0) -> list[dict]:
     return last
 
 
-def _calibrate(spec, pipeline: Pipeline, m: Measurements, passes: int = 2) -> None:  # noqa: ANN001
+def _calibrate(spec, pipeline: Pipeline, m: Measurements, loader: Callable[..., Any],  # noqa: ANN001
+               passes: int = 2) -> None:
     """CPU seconds per sample at every split, measured (nodes share this machine's cores with the loader).
 
     Every split runs once per pass, in forward then reverse order, and the
@@ -336,7 +354,7 @@ def _calibrate(spec, pipeline: Pipeline, m: Measurements, passes: int = 2) -> No
     runs: dict[int, list[tuple[float, float, float]]] = {k: [] for k in splits}
     for i in range(passes):
         for k in splits if i % 2 == 0 else splits[::-1]:
-            runs[k].append(_cpu_per_sample(spec, pipeline, m, k))
+            runs[k].append(_cpu_per_sample(spec, pipeline, m, k, loader))
     for k, rs in runs.items():
         m.cpu_measured[k], m.busy_cores[k], m.wake_s[k] = (float(np.mean(v)) for v in zip(*rs))
     if passes > 1:  # throughput of each run = busy cores / CPU seconds per sample
@@ -388,11 +406,24 @@ def _loopback(uri: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: float | None = None,  # noqa: ANN001
-            batch_size: int = 64, samples: int = 32) -> Measurements:
-    """Profile the cluster's nodes, this host and this machine for ``pipeline``."""
-    from nearstore.node.client import ClusterSource
+def declared(pipeline: Pipeline, spec: Spec) -> dict:
+    """The measurements' fields that the pipeline's ops declare (stages, bytes and MACs per sample after each),
+    for samples of ``spec``: the same declarations the designer reads (``design.pipelines.workload_of``)."""
+    stages = pipeline.declare_stages(spec)
+    return {"raw_bytes": float(spec.bytes), "stage_names": [st.name for st in pipeline.stages],
+            "stage_stops": [st.stop for st in pipeline.stages], "out_bytes": [float(d.bytes) for d in stages],
+            "stage_macs": [float(d.macs) for d in stages]}
 
+
+def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: float | None = None,  # noqa: ANN001
+            batch_size: int = 64, samples: int = 32, loader: Callable[..., Any] | None = None) -> Measurements:
+    """Profile the cluster's nodes, this host and this machine for ``pipeline``.
+
+    ``loader`` is the loader class to calibrate with (``nearstore.Loader``),
+    needed when the nodes share this machine: the planner then runs it at
+    every split for a moment. It is passed in because the loader is the layer
+    above the planner (its ``split="auto"`` calls ``plan``).
+    """
     spec = getattr(cluster, "spec", cluster)
     src = ClusterSource(spec, pipeline, "host")
     try:
@@ -408,13 +439,13 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
     if not raw:
         raise ConfigError("the planner could not fetch any sample to profile the host with")
     stages = pipeline.stages
-    names = [st.name for st in stages]
     order = list(src_nodes)
     node_s = [[p["stages"][i]["seconds"] for i in range(len(stages))] for p in profiles]
     with ThreadPoolExecutor(1, initializer=worker_init) as pool:  # a thread set up as the loader's workers are
         host_s = pool.submit(_host_stage_seconds, pipeline, raw).result()
-    specs = pipeline.declare(input_spec_of(man))
-    out_bytes = [float(specs[st.stop].bytes or profiles[0]["stages"][i]["out_bytes"]) for i, st in enumerate(stages)]
+    figures = declared(pipeline, input_spec_of(man))
+    figures["out_bytes"] = [b or float(profiles[0]["stages"][i]["out_bytes"])  # a size no op could declare
+                            for i, b in enumerate(figures["out_bytes"])]
     samples_by, bytes_by = {n: 0 for n in order}, {n: 0 for n in order}
     for sh in man.shards:  # the loader asks a shard's first live replica
         n = next(x for x in sh.nodes if x in samples_by)
@@ -426,25 +457,27 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
         colocated=all(_loopback(ep.uri) for ep in spec.nodes),
         cores=node_cores if node_cores is not None else effective_cores(),
         link_bytes_per_s=spec.link_mbps * 1e6 if spec.link_mbps else None,
-        raw_bytes=man.mean_payload_bytes, stage_names=names, stage_stops=[st.stop for st in stages],
+        **figures,
         node_share=[samples_by[n] / man.num_samples for n in order],
         node_raw_bytes=[bytes_by[n] / max(samples_by[n], 1) for n in order],
         node_read_s=[p["read_seconds"] for p in profiles], node_stage_s=node_s, node_slowdown=slowdown,
         host_stage_s=host_s,
-        out_bytes=out_bytes,
         send_s_per_byte=send, recv_s_per_byte=recv, step_time=step_time, batch_size=batch_size,
         samples_per_epoch=man.num_samples,
     )
     if m.colocated:  # the machine's CPU is shared: calibrate what the stages leave out
-        _calibrate(spec, pipeline, m)
+        if loader is None:
+            raise ConfigError("the nodes share this machine, so the planner calibrates by running the loader: "
+                              "pass loader=nearstore.Loader")
+        _calibrate(spec, pipeline, m, loader)
     return m
 
 
 def plan(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: float | None = None,  # noqa: ANN001
-         batch_size: int = 64, samples: int = 32) -> Plan:
-    """Measure, predict every split, choose; ``Plan.reason`` says why in one line."""
+         batch_size: int = 64, samples: int = 32, loader: Callable[..., Any] | None = None) -> Plan:
+    """Measure, predict every split, choose; ``Plan.reason`` says why in one line (``loader``: see ``measure``)."""
     m = measure(cluster, pipeline, host_workers=host_workers, step_time=step_time, batch_size=batch_size,
-                samples=samples)
+                samples=samples, loader=loader)
     preds = predict(m)
     k, reason = choose(preds, noise=m.noise)
     return Plan(choice=k, reason=reason, predictions=preds, measurements=m)

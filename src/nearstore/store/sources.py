@@ -1,8 +1,10 @@
-"""Where a loader's samples come from, with ops[0:k] already applied.
+"""Where a loader's samples come from, with ops[0:k] already applied (the source contract).
 
 ``LocalSource`` reads a store's directories directly (k = 0: every op runs on
-the host). The cluster source (node servers over Arrow Flight) implements the
-same ``fetch`` so the loader does not care where the prefix ran.
+the host). The cluster source (``nearstore.node.client.ClusterSource``, node
+servers over Arrow Flight) implements the same ``fetch`` so the loader does not
+care where the prefix ran. The contract lives here, below both the loader and
+the nodes, so neither imports the other to share it.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ class Fetched:
     data: Any
     nbytes: int
     error: NearstoreError | None = None
+    prefix: int | None = None  # how many pipeline ops were applied to ``data`` (None: the source's ``prefix``)
 
 
 class SampleSource(Protocol):
     manifest: Manifest
-    prefix: int  # how many pipeline ops the source has applied
+    prefix: int  # how many pipeline ops the source applies unless a sample says otherwise (``Fetched.prefix``)
 
     def fetch(self, ids: np.ndarray, *, epoch: int, seed: int) -> list[Fetched]: ...
 
