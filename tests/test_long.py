@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from nearstore.bench.faults import chaos_run, copy_store, fuzz_readers, fuzz_tickets
+from nearstore.bench.faults import chaos_run, copy_store, fuzz_readers, fuzz_tickets, load_run
 from nearstore.node import LocalCluster
 from nearstore.store import Manifest
 from nearstore.store.ingest import ingest
@@ -38,3 +38,11 @@ def test_ten_thousand_fuzzed_tickets(store):
 def test_fifteen_hundred_damaged_store_files(store, tmp_path):
     r = fuzz_readers(copy_store(store, tmp_path / "s"), cases=1500, seed=4)
     assert r["crashes"] == 0 and r["wrong"] == 0, r["examples"]
+
+
+def test_eight_loaders_for_thirty_seconds_share_fairly(store):
+    """The bound docs/reliability.md states: equal loaders' samples/s within 1.5x (fastest / slowest)."""
+    with LocalCluster(store) as c:
+        r = load_run(c, loaders=8, seconds=30)
+    assert not r["errors"], r["errors"]
+    assert r["max_over_min"] <= 1.5, r["samples_per_s"]
