@@ -27,6 +27,13 @@ from typing import Any
 import numpy as np
 
 from nearstore.core.errors import NearstoreError
+from nearstore.loader.loader import Loader
+from nearstore.node.cluster import LocalCluster
+from nearstore.ops.pipeline import standard_train
+from nearstore.store.manifest import Manifest, node_dir_name
+from nearstore.store.rebalance import rebalance
+from nearstore.store.scrub import scrub
+from nearstore.store.store import Store
 
 __all__ = ["failover_run", "fuzz_tickets", "fuzz_readers", "ingest_kill_loop", "load_run", "batch_digests",
            "peak_rss", "copy_store", "flip_bytes", "scrub_found_every_flip", "chaos_run"]
@@ -56,7 +63,6 @@ def failover_run(cluster: Any, pipeline: Any, *, kill_node: int = 0, kill_after:
     the stall: the longest batch wait of the faulty epoch minus the clean
     epoch's median batch wait.
     """
-    from nearstore.loader.loader import Loader
 
     def epoch(hook: Any = None) -> tuple[list, list[float], dict]:
         with Loader(cluster=cluster.spec, pipeline=pipeline, split=split, batch_size=batch_size, seed=seed) as ld:
@@ -174,7 +180,6 @@ def fuzz_readers(store: Path, *, cases: int, seed: int = 0) -> dict:
     bytes) or a NearstoreError; another exception counts as a crash, different
     data as ``wrong``. The store is restored between cases.
     """
-    from nearstore.store.store import Store
 
     def digest() -> str:
         h = hashlib.sha256()
@@ -249,8 +254,6 @@ def ingest_kill_loop(sources: list[Path], store: Path, *, kills: int, seed: int 
     complete one: its manifest loads, its sample count is one of the sources',
     and every sample reads back verified. Returns what was seen.
     """
-    from nearstore.store.manifest import Manifest
-    from nearstore.store.store import Store
 
     rng = random.Random(seed)
     counts = {len([p for p in s.rglob("*") if p.is_file()]) for s in sources}
@@ -367,8 +370,6 @@ def flip_bytes(store: Path, flips: int, *, seed: int = 0, index_share: float = 0
     readers always find a good copy and a repair can always succeed. Returns one record per flip: file,
     offset, and the global sample id whose payload it hit (None: a tar header, padding or an index).
     """
-    from nearstore.store.manifest import Manifest, node_dir_name
-    from nearstore.store.store import Store
 
     rng = random.Random(seed)
     man = Manifest.load(store)
@@ -473,11 +474,6 @@ def chaos_run(store: Path, work: Path, *, seconds: float, seed: int = 0, step_s:
     """
     import os as _os
 
-    from nearstore.loader.loader import Loader
-    from nearstore.node.cluster import LocalCluster
-    from nearstore.store.manifest import Manifest
-    from nearstore.store.rebalance import rebalance
-    from nearstore.store.scrub import scrub
 
     say = log or (lambda msg: None)
     rng = random.Random(seed)
@@ -620,6 +616,5 @@ def chaos_run(store: Path, work: Path, *, seconds: float, seed: int = 0, step_s:
 
 
 def _chaos_pipeline() -> Any:
-    from nearstore.ops.pipeline import standard_train
 
     return standard_train(64)
