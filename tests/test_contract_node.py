@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,31 +21,8 @@ from nearstore.ops.plugins import load_op_modules
 
 pytestmark = pytest.mark.timeout(240)
 
-USER_OPS = '''
-import numpy as np
-from nearstore.ops.base import Op, OpParams, Spec, register
-
-
-class _P(OpParams):
-    levels: int = 4
-
-
-@register
-class Posterize(Op):
-    """Keep the top bits of each uint8 channel value."""
-
-    name = "posterize"
-    inputs = ("image", "chw_u8")
-    version = "1.0"
-    Params = _P
-
-    def declare(self, spec: Spec) -> Spec:
-        return spec.costless()
-
-    def __call__(self, x, rng):
-        step = 256 // self.params.levels
-        return (x // step * step).astype(np.uint8)
-'''
+# the example of docs/architecture.md, run as it is shipped (the doc shows this file verbatim)
+USER_OP_FILE = Path(__file__).resolve().parents[1] / "examples" / "user_op.py"
 
 HOST_ONLY = '''
 from nearstore.ops.base import Op, register
@@ -69,19 +47,19 @@ OPS = ["decode_jpeg", {"op": "random_resized_crop", "size": 48}, {"op": "posteri
 
 @pytest.fixture(scope="module")
 def served(store, tmp_path_factory):
-    """`nearstore up` with a user op module file and a broken one; the test process loads the user ops too."""
+    """`nearstore up` with the example user op file (examples/user_op.py) and a broken one; the test process
+    loads the user ops too."""
     import shutil
 
     d = tmp_path_factory.mktemp("userops")
-    (d / "user_ops.py").write_text(USER_OPS)
     (d / "host_only_ops.py").write_text(textwrap.dedent(HOST_ONLY))
     (d / "broken_ops.py").write_text(BROKEN)
     copy = d / "s"
     shutil.copytree(store, copy)
-    load_op_modules([str(d / "user_ops.py"), str(d / "host_only_ops.py")], entry_points=False)
+    load_op_modules([str(USER_OP_FILE), str(d / "host_only_ops.py")], entry_points=False)
     run = lambda *a: subprocess.run([sys.executable, "-m", "nearstore.cli.main", *a], capture_output=True,  # noqa: E731
                                     text=True, timeout=120)
-    r = run("up", str(copy), "--workers-per-node", "1", "--ops-module", str(d / "user_ops.py"),
+    r = run("up", str(copy), "--workers-per-node", "1", "--ops-module", str(USER_OP_FILE),
             "--ops-module", str(d / "broken_ops.py"))
     assert r.returncode == 0, r.stderr
     try:
@@ -101,13 +79,18 @@ def _digest(loader) -> str:
     return h.hexdigest()
 
 
+def test_the_architecture_doc_shows_the_example_op_file_verbatim():
+    doc = (USER_OP_FILE.parents[1] / "docs" / "architecture.md").read_text()
+    assert "```python\n" + USER_OP_FILE.read_text() + "```" in doc
+
+
 def test_capabilities_list_user_ops_engines_and_the_import_error(served):
     spec, _ = served
     for ep in spec.nodes:
         c = NodeClient(ep.uri, node=ep.node)
         caps = c.capabilities()
         c.close()
-        assert caps["ops"]["posterize"]["version"] == "1.0" and "user_ops.py" in caps["ops"]["posterize"]["origin"]
+        assert caps["ops"]["posterize"]["version"] == "1.0" and "user_op.py" in caps["ops"]["posterize"]["origin"]
         assert caps["ops"]["decode_jpeg"]["origin"] == "builtin" and "flip" in caps["ops"]
         (src, err), = caps["import_errors"].items()
         assert "broken_ops.py" in src and "fancy_codec (on purpose)" in err
