@@ -48,12 +48,37 @@ def encode(a: np.ndarray, variant: str) -> bytes:
         im = im.resize((1, 1))
     elif variant == "cmyk":
         im = im.convert("CMYK")  # written with Adobe's inverted polarity, as Photoshop does
+    elif variant == "ycck":
+        return ycck_jpeg(np.asarray(im))
     out = io.BytesIO()
     im.save(out, "JPEG", **kw)
     return out.getvalue()
 
 
-VARIANTS = ["plain", "progressive", "444", "restart", "gray", "tiny", "one-pixel", "cmyk"]
+def ycck_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """A YCCK JPEG (Adobe transform 2), as Photoshop writes CMYK, made without an encoder that writes YCCK.
+
+    libjpeg's CMYK -> YCCK step (jccolor.c) is done here: R, G, B = 255 - the stored C, M, Y, then the JFIF
+    YCbCr transform; K passes through. Pillow encodes those four planes as a CMYK JPEG (inverting them, so we
+    hand it 255 - YCCK), and the Adobe marker's transform byte is set from 0 (CMYK) to 2 (YCCK): the file is
+    what a YCCK encoder writes, down to the entropy-coded data.
+    """
+    stored = 255.0 - np.asarray(Image.fromarray(rgb).convert("CMYK"), np.float64)  # what a CMYK JPEG holds
+    r, g, b = (255.0 - stored[..., k] for k in range(3))
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = -0.168735892 * r - 0.331264108 * g + 0.5 * b + 128
+    cr = 0.5 * r - 0.418687589 * g - 0.081312411 * b + 128
+    ycck = np.clip(np.rint(np.stack([y, cb, cr, stored[..., 3]], -1)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(255 - ycck, "CMYK").save(out, "JPEG", quality=quality)
+    raw = bytearray(out.getvalue())
+    at = raw.index(b"\xff\xee")  # APP14: FFEE, length (2), "Adobe", version (2), flags0 (2), flags1 (2), transform
+    assert raw[at + 4 : at + 9] == b"Adobe" and raw[at + 15] == 0
+    raw[at + 15] = 2
+    return bytes(raw)
+
+
+VARIANTS = ["plain", "progressive", "444", "restart", "gray", "tiny", "one-pixel", "cmyk", "ycck"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -62,16 +87,31 @@ def test_every_variant_decodes_as_pillow_does(variant):
         data = encode(a, variant)
         if variant == "restart":
             assert b"\xff\xdd" in data  # a DRI marker: restart intervals really are there
-        if variant == "cmyk":
-            assert Image.open(io.BytesIO(data)).mode == "CMYK"
+        if variant in ("cmyk", "ycck"):
+            im = Image.open(io.BytesIO(data))
+            assert im.mode == "CMYK" and im.info["adobe_transform"] == (2 if variant == "ycck" else 0)
         w, h = header(data)
         ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
         got = decode_region(data, 8, 0, 0, w, h).astype(int)
         assert got.shape == ref.shape and np.abs(got - ref).max() <= TOLERANCE, (name, variant)
 
 
-def test_cmyk_region_at_a_dct_scale_matches_pillows_draft_decode():
-    data = encode(photos()["coffee"], "cmyk")
+def test_ycck_really_is_ycck_and_decodes_close_to_the_photo():
+    """The YCCK file's colour transform matters: read with transform 0 (as CMYK) its colours are far off."""
+    a = photos()["astronaut"]
+    data = encode(a, "ycck")
+    w, h = header(data)
+    got = decode_region(data, 8, 0, 0, w, h).astype(int)
+    assert np.abs(got - a).mean() < 3.0  # quality 90, 4:4:4: close to the original photo
+    as_cmyk = bytearray(data)
+    as_cmyk[as_cmyk.index(b"Adobe") + 11] = 0
+    wrong = decode_region(bytes(as_cmyk), 8, 0, 0, w, h).astype(int)
+    assert np.abs(wrong - a).mean() > 30.0
+
+
+@pytest.mark.parametrize("variant", ["cmyk", "ycck"])
+def test_cmyk_region_at_a_dct_scale_matches_pillows_draft_decode(variant):
+    data = encode(photos()["coffee"], variant)
     w, h = header(data)
     for m in (1, 2, 4):
         sw, sh = scaled_size(w, h, m)
