@@ -282,7 +282,7 @@ def test_designer_and_planner_agree_on_bytes_and_operations_per_sample_for_every
     pipe = CUT_PIPELINES[name]()
     spec = input_spec("jpeg", mean_bytes=110e3, mean_hw=(375.0, 500.0))
     n = len(pipe.stages)
-    m = Measurements(nodes=2, node_workers=2, host_workers=2, colocated=False, cores=2.0, link_bytes_per_s=25e6,
+    m = Measurements(nodes=2, node_workers=2, host_workers=2, link_bytes_per_s=25e6,
                      **declared(pipe, spec), node_share=[0.5, 0.5], node_raw_bytes=[spec.bytes] * 2,
                      node_read_s=[1e-4] * 2, node_stage_s=[[1e-3] * n] * 2, node_slowdown=[1.0, 1.0],
                      host_stage_s=[1e-3] * n, send_s_per_byte=0.0, recv_s_per_byte=0.0)

@@ -21,6 +21,7 @@ from nearstore.nets.quant import TOLERANCE
 from nearstore.node import LocalCluster
 from nearstore.node.workers import NodeWork
 from nearstore.ops import Spec, make_op, network_ops
+from nearstore.ops.pipeline import input_spec
 from nearstore.store.ingest import ingest
 from nearstore.store.synth import SynthSpec, synth_folder
 from nearstore.train import HeadTrainer
@@ -255,6 +256,46 @@ def test_node_side_equals_host_side_for_every_cut(labelled_store, cluster, tmp_p
         assert sum(len(b) for b in loader) == 0
         assert loader.stats.skipped == 48
         assert "NaN or Inf" in loader.stats.skipped_samples[0]["error"]
+
+
+def test_segments_compute_what_the_uncut_network_computes():
+    """input..layer1, layer1..layer3, layer3..pooled run one after the other equal the network to pooled (same
+    seeded weights); for every architecture they declare the uncut network's MACs and parameters between them."""
+    x = torch.from_numpy(np.stack([make_op("normalize")(c, None) for c in _crops(2, (64, 64))]))
+    bounds = (("input", "layer1"), ("layer1", "layer3"), ("layer3", "pooled"))
+    y = x
+    for a, b in bounds:
+        y = models.build("resnet18", b, seed=5, start=a)(y)
+    assert torch.allclose(y, models.build("resnet18", "pooled", seed=5)(x), rtol=1e-5, atol=1e-5)
+    for arch in ARCHS:
+        parts = [describe(arch, b, (224, 224), a) for a, b in bounds]
+        full = describe(arch, "pooled")
+        assert sum(p.macs for p in parts) == full.macs and sum(p.params for p in parts) == full.params
+        assert parts[1].in_shape == describe(arch, "layer1").shape and parts[2].shape == full.shape
+
+
+def test_segment_errors_name_the_valid_choices():
+    with pytest.raises(OpParamError, match=r"must end at a later cut \(layer3, layer4, pooled\), not 'stem'"):
+        make_op({"op": "network", "arch": "resnet18", "start": "layer2", "cut": "stem"})
+    with pytest.raises(OpParamError, match="starts: input, stem, layer1"):
+        network_ops("resnet18", "pooled", segments=("pooled",))
+    seg = Pipeline(["decode_jpeg", {"op": "center_crop", "size": 64}, "to_uint8_chw",
+                    {"op": "network", "arch": "resnet18", "start": "layer1", "cut": "pooled"}])
+    with pytest.raises(OpParamError, match="takes resnet18's float layer1 activations"):
+        seg.declare(input_spec("jpeg", mean_bytes=1e4, mean_hw=(64.0, 64.0)))
+
+
+def test_a_split_inside_the_network_equals_the_host(labelled_store, cluster):
+    """The nodes run the network to layer2 and send its activations; the host runs layer2..pooled."""
+    ops = network_ops("resnet18", "pooled", engine="pytorch", segments=("layer2",))
+    pipe = Pipeline(CROP64 + ops)
+    assert [st.name for st in pipe.stages][-2:] == ["network", "network@layer2"]
+    inside = _features(labelled_store, ops, len(CROP64) + 1, cluster)
+    host = _features(labelled_store, [{"op": "network", "arch": "resnet18", "cut": "pooled", "engine": "pytorch"}],
+                     "host")
+    assert inside.shape == host.shape == (48, 512)
+    for a, b in zip(inside, host):
+        assert max_rel_error(a, b) <= TOLERANCE["pytorch", "float32"]
 
 
 def test_frozen_backbone_on_the_node_trains_a_head_on_the_host(cluster):

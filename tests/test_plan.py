@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from nearstore import Loader, standard_train
 from nearstore.node import LocalCluster
 from nearstore.plan import Measurements, SplitPrediction, plan, predict
-from nearstore.plan.planner import choose
+from nearstore.plan.planner import choose, cpu_sets, fit, modeled_cpu
 from nearstore.store.ingest import ingest
 from nearstore.store.synth import SynthSpec, synth_folder
 
@@ -21,7 +22,8 @@ PIPE = standard_train(224)
 
 
 def _m(**kw) -> Measurements:
-    base = dict(nodes=2, node_workers=1, host_workers=2, colocated=False, cores=2.0, link_bytes_per_s=None,
+    """Nodes on other hosts (no CPU set shared with this 4-CPU loader) unless a test says otherwise."""
+    base = dict(nodes=2, node_workers=1, host_workers=2, link_bytes_per_s=None, host_cpus=[0, 1, 2, 3],
                 raw_bytes=100_000.0, stage_names=["decode", "normalize"], stage_stops=[1, 2], node_share=[0.5, 0.5],
                 node_raw_bytes=[100_000.0, 100_000.0], node_read_s=[0.0, 0.0],
                 node_stage_s=[[0.004, 0.001], [0.004, 0.001]], node_slowdown=[1.0, 1.0], host_stage_s=[0.004, 0.001],
@@ -47,21 +49,49 @@ def test_hand_computed_predictions():
 
 
 def test_shares_and_shared_cores_enter_the_prediction():
-    m = _m(node_share=[0.75, 0.25], colocated=True, cores=1.5)
+    """Nodes on the loader's two CPUs, which give 0.75 of a core each: one 1.5-core resource for all."""
+    m = _m(node_share=[0.75, 0.25], host_cpus=[0, 1], node_cpus=[[0, 1], [0, 1]], core_efficiency=0.75)
+    assert cpu_sets(m) == (["cpu", "cpu"], "cpu", {"cpu": 1.5})
     by = {p.split: p for p in predict(m)}
     # node 0 serves 3/4 of the samples: 1 / (0.75 x 5 ms) = 267/s; the shared 1.5 cores: 1.5 / 5 ms = 300/s
     assert by[2].samples_per_s == pytest.approx(1 / (0.75 * 0.005)) and by[2].bottleneck == "node0"
     assert by[0].samples_per_s == pytest.approx(1.5 / 0.005) and by[0].bottleneck == "cpu"
 
 
-def test_cpu_bound_split_uses_the_cores_its_calibration_kept_busy():
-    m = _m(colocated=True, cores=2.0, host_workers=8, node_stage_s=[[0.001, 0.001], [0.001, 0.001]])
-    base = {p.split: p for p in predict(m)}
-    assert base[0].samples_per_s == pytest.approx(2.0 / 0.005) and base[0].bottleneck == "cpu"
-    m.busy_cores = {0: 1.5, 2: 1.0}  # split 0 kept 1.5 cores busy; split 2 is not CPU-bound, so its 1.0 is moot
+def test_nodes_on_cpu_sets_of_their_own_do_not_take_the_loaders_cores():
+    """Loader on CPU 0, both nodes pinned to CPU 1 (emulated storage hosts); 4 host threads, 4 node threads."""
+    m = _m(host_workers=4, node_workers=4, host_cpus=[0], node_cpus=[[1], [1]])
+    assert cpu_sets(m) == (["node_cpus", "node_cpus"], "cpu", {"cpu": 1.0, "node_cpus": 1.0})
     by = {p.split: p for p in predict(m)}
-    assert by[0].samples_per_s == pytest.approx(1.5 / 0.005) and by[0].bottleneck == "cpu"
-    assert by[2].bottleneck != "cpu" and by[2].samples_per_s == pytest.approx(base[2].samples_per_s)
+    assert by[0].bottleneck == "cpu" and by[0].samples_per_s == pytest.approx(1 / 0.005)  # the host does it all
+    assert by[2].bottleneck == "node_cpus" and by[2].samples_per_s == pytest.approx(1 / 0.005)
+    assert by[1].bottleneck == "node_cpus" and by[1].samples_per_s == pytest.approx(1 / 0.004)  # 4 ms vs 1 ms
+    slow = {p.split: p for p in predict(_m(host_workers=4, node_workers=4, host_cpus=[0], node_cpus=[[1], [1]],
+                                           node_stage_s=[[0.016, 0.004]] * 2, node_slowdown=[4.0, 4.0]))}
+    # a 4x slowdown is idle time: the nodes' CPU set still does 1 / 5 ms, their threads 4 / 20 ms
+    assert slow[2].samples_per_s == pytest.approx(1 / 0.005) and slow[2].bottleneck in ("node_cpus", "node0")
+    # sets that overlap are one resource, named cpu when the loader's set is in it
+    assert cpu_sets(_m(nodes=3, node_share=[1 / 3] * 3, node_raw_bytes=[1e5] * 3, node_read_s=[0.0] * 3,
+                       node_stage_s=[[0.004, 0.001]] * 3, node_slowdown=[1.0] * 3, host_cpus=[0],
+                       node_cpus=[[1], [1, 2], None]))[0] == ["node_cpus", "node_cpus", None]
+
+
+def test_one_calibration_run_fits_the_overheads_and_the_cores_it_got():
+    """A recorded run at split 0 (loader and nodes sharing 2 CPUs): the CPU beyond the profiles becomes each
+    side's per-sample overhead at every split; the cores the CPU-bound run got replace the CPU count."""
+    m = _m(host_cpus=[0, 1], node_cpus=[[0, 1], [0, 1]], host_workers=8, node_workers=2)
+    assert modeled_cpu(m, 0) == pytest.approx((0.0, 0.005)) and modeled_cpu(m, 2) == pytest.approx((0.005, 0.0))
+    fit(m, 0, {"node_cpu_s": 0.0004, "host_cpu_s": 0.0061, "samples_per_s": 250.0, "busy_cores": 1.63,
+               "wake_s": 0.002})
+    assert m.node_overhead_s == pytest.approx(0.0004) and m.host_overhead_s == pytest.approx(0.0011)
+    assert m.calibration["runs"] == 1 and m.calibration["bound_by"] == "cpu"
+    assert m.cpu_rates["cpu"] == pytest.approx(250.0 * 0.0065)  # 1.625 cores: 250/s x 6.5 ms per sample
+    by = {p.split: p for p in predict(m)}
+    assert by[0].samples_per_s == pytest.approx(250.0)  # the calibrated split predicts what was measured
+    # split 2: 5 ms on the nodes + both overheads (1.5 ms) on the same 1.625 cores
+    assert by[2].samples_per_s == pytest.approx(1.625 / 0.0065) and by[2].bottleneck == "cpu"
+    fit(m, 0, {"node_cpu_s": 0.0, "host_cpu_s": 0.001, "samples_per_s": 400.0, "busy_cores": 0.4, "wake_s": 0.0})
+    assert m.host_overhead_s == pytest.approx(-0.0025)  # profiles slower than the run: at most half comes off
 
 
 def test_choice_breaks_ties_within_the_measurement_noise():
@@ -92,6 +122,8 @@ def test_tight_link_with_large_photos_chooses_node_side(large_store):
     with LocalCluster(large_store, link_mbps=10) as c:
         p = plan(c, PIPE, batch_size=8, samples=4, loader=Loader)
         assert p.choice >= 2, p.reason  # decode and crop on the nodes: ~150 KB instead of ~1 MB per sample
+        assert p.calibration["runs"] == 1 and p.calibration["split"] in [x.split for x in p.predictions]
+        assert p.measurements.node_cpus == [sorted(os.sched_getaffinity(0))] * 2  # the nodes share this machine
         host = next(x for x in p.predictions if x.split == 0)
         assert host.bottleneck.startswith("link") and "bound by" in p.reason
         with Loader(cluster=c, pipeline=PIPE, split="auto", batch_size=4, seed=1) as auto, \
@@ -113,7 +145,8 @@ def test_open_link_with_a_slow_node_chooses_host_side(store):
 
 
 def test_plan_cli_prints_table_and_writes_json(store, tmp_path):
-    with LocalCluster(store, link_mbps=50) as c:
+    last = max(os.sched_getaffinity(0))
+    with LocalCluster(store, link_mbps=50, cpus=[last]) as c:  # nodes pinned to one CPU (--cpus)
         c.spec.save(tmp_path / "cluster.json")
         r = subprocess.run([sys.executable, "-m", "nearstore.cli.main", "plan", "--cluster", str(tmp_path),
                             "--accel", "h100", "--batch-size", "16", "--samples", "8", "--json",
@@ -123,6 +156,8 @@ def test_plan_cli_prints_table_and_writes_json(store, tmp_path):
     assert d["choice"] in [p["split"] for p in d["predictions"]] and "choice:" in r.stdout + r.stderr
     assert d["measurements"]["step_time"] == pytest.approx(0.224 * 16 / 400)
     assert all(p["samples_per_s"] > 0 for p in d["predictions"])
+    assert d["measurements"]["node_cpus"] == [[last]] * 2 and d["calibration"]["runs"] == 1
+    assert "calibration: 1 loader run at split" in r.stdout + r.stderr
 
 
 def test_accelerator_gets_the_mean_batch_of_an_epoch():

@@ -425,10 +425,11 @@ def plan(
     model: str = typer.Option("resnet50", help="... running this model"),
     batch_size: int = typer.Option(64),
     workers: int = typer.Option(2, help="host op threads of the loader"),
-    samples: int = typer.Option(32, help="samples each node and the host profile"),
+    samples: Optional[int] = typer.Option(None, help="samples each node and the host profile (default: 16 for a "
+                                                      "pipeline with a network, else 32)"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
-    """Profile the nodes, the host and the link; predict every split with the model; choose one."""
+    """Profile the nodes, the host and the link; calibrate with one loader run; predict every split; choose."""
     from nearstore.node.cluster import ClusterSpec
     from nearstore.loader import Loader
     from nearstore.plan import plan as make_plan
@@ -452,6 +453,11 @@ def plan(
                   f"{pr.bytes_per_sample:,.0f}")
     Console().print(t)
     console.print(f"[bold]choice:[/bold] {p.reason}")
+    cal = p.calibration
+    took = ", ".join(f"{k} {v:.1f} s" for k, v in p.measurements.seconds.items())
+    console.print(f"[bold]calibration:[/bold] {cal['runs']} loader run"
+                  + (f" at split {cal['split']} ({cal['samples_per_s']:,.0f} samples/s, bound by {cal['bound_by']})"
+                     if cal["runs"] else f": {cal['why']}") + f"; planning took {took}")
     write_json(json_path, p.as_dict())
 
 

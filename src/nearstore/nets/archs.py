@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 
 from nearstore.core.errors import OpParamError
 
-__all__ = ["ARCHS", "CUTS", "Conv", "NetInfo", "describe", "layers", "check_arch_cut", "weights_digest"]
+__all__ = ["ARCHS", "CUTS", "STARTS", "Conv", "NetInfo", "describe", "layers", "check_arch_cut", "check_segment",
+           "input_hw", "weights_digest"]
 
 CUTS = ("stem", "layer1", "layer2", "layer3", "layer4", "pooled")
+#: where a segment of a network may start: its input image, or any cut but ``pooled`` (a vector ends the net)
+STARTS = ("input", *CUTS[:-1])
 
 #: the architectures, each with its published reference (parameters and MACs at 224x224, classifier included)
 ARCHS: dict[str, str] = {
@@ -74,7 +77,8 @@ class Conv:
 
 @dataclass(frozen=True)
 class NetInfo:
-    """What running ``arch`` up to ``cut`` on a ``hw`` input costs per sample (fp32 activations)."""
+    """What running ``arch`` from ``start`` up to ``cut`` on a ``hw`` input image costs per sample (fp32
+    activations); ``in_shape`` is the segment's input (3 x hw for ``start="input"``)."""
 
     arch: str
     cut: str
@@ -85,6 +89,8 @@ class NetInfo:
     buffers: int
     resident_bytes: int
     convs: list[Conv] = field(repr=False, default_factory=list)
+    start: str = "input"
+    in_shape: tuple[int, ...] = ()
 
     @property
     def param_bytes(self) -> int:
@@ -97,6 +103,35 @@ def check_arch_cut(arch: str, cut: str) -> None:
         raise OpParamError(f"unknown network architecture {arch!r}; known: {', '.join(ARCHS)}")
     if cut not in CUTS:
         raise OpParamError(f"unknown cut {cut!r} for {arch}; cuts: {', '.join(CUTS)}")
+
+
+def check_segment(arch: str, start: str, cut: str) -> None:
+    """``start`` .. ``cut`` must name a non-empty piece of ``arch``, in order."""
+    check_arch_cut(arch, cut)
+    if start not in STARTS:
+        raise OpParamError(f"unknown start {start!r} for {arch}; starts: {', '.join(STARTS)}")
+    if start != "input" and CUTS.index(start) >= CUTS.index(cut):
+        later = ", ".join(CUTS[CUTS.index(start) + 1:])
+        raise OpParamError(f"a segment of {arch} from {start!r} must end at a later cut ({later}), not {cut!r}")
+
+
+#: how much each cut shrinks the input image's side (ResNet: the stem pools to 1/4; MobileNetV2's stem is 1/2)
+_STRIDE = {"stem": 4, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+
+
+def input_hw(arch: str, start: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The input image size whose activation at ``start`` has ``shape`` (C, H, W): what a segment that starts
+    there was cut from (its costs are stated per input image)."""
+    check_segment(arch, start, "pooled")
+    if start == "input":
+        return int(shape[1]), int(shape[2])
+    f = 2 if (arch == "mobilenet_v2" and start == "stem") else _STRIDE[start]
+    hw = (int(shape[1]) * f, int(shape[2]) * f)
+    want = layers(arch, hw)[1][start] if min(hw) >= 32 else None
+    if want != tuple(int(d) for d in shape):
+        raise OpParamError(f"a {arch} segment from {start!r} takes its {start} activations (C x H x W, e.g. "
+                           f"{layers(arch, (224, 224))[1][start]} for a 224x224 image); got shape {tuple(shape)}")
+    return hw
 
 
 def _block(convs: list[tuple[str, Conv]], stage: str, c: Conv) -> Conv:
@@ -151,25 +186,29 @@ def layers(arch: str, hw: tuple[int, int]) -> tuple[list[tuple[str, Conv]], dict
     return out, ends
 
 
-def describe(arch: str, cut: str, hw: tuple[int, int] = (224, 224)) -> NetInfo:
-    """Shape, MACs, parameters and resident bytes of ``arch`` run up to ``cut`` on a ``hw`` input."""
-    check_arch_cut(arch, cut)
+def describe(arch: str, cut: str, hw: tuple[int, int] = (224, 224), start: str = "input") -> NetInfo:
+    """Shape, MACs, parameters and resident bytes of ``arch`` run from ``start`` up to ``cut`` on a ``hw``
+    input image (``start="input"``: the whole network up to the cut)."""
+    check_segment(arch, start, cut)
     if min(hw) < 32:
         raise OpParamError(f"network input must be at least 32x32 (got {hw[0]}x{hw[1]}): five stride-2 stages")
     convs, ends = layers(arch, hw)
-    upto = CUTS[: CUTS.index(cut) + 1]
-    used = [c for stage, c in convs if stage in upto]
+    first = 0 if start == "input" else CUTS.index(start) + 1
+    run = CUTS[first: CUTS.index(cut) + 1]
+    used = [c for stage, c in convs if stage in run]
     if cut == "pooled":
         shape: tuple[int, ...] = (ends["layer4"][0],)
     else:
         shape = ends[cut]
+    in_shape = (3, *hw) if start == "input" else ends[start]
     # activation memory one sample holds at once: the input, the widest conv's input and output, and a
-    # residual branch's input kept alive beside them (an upper-bound estimate, fp32)
-    widest = max(c.cin * c.hw_in[0] * c.hw_in[1] + c.cout * c.hw_out[0] * c.hw_out[1] for c in used)
-    biggest_in = max(c.cin * c.hw_in[0] * c.hw_in[1] for c in used)
-    resident = 4 * (3 * hw[0] * hw[1] + widest + biggest_in + math.prod(shape))
+    # residual branch's input kept alive beside them (an upper-bound estimate, fp32); a pooling-only
+    # segment (layer4 -> pooled) holds its input and output
+    widest = max((c.cin * c.hw_in[0] * c.hw_in[1] + c.cout * c.hw_out[0] * c.hw_out[1] for c in used), default=0)
+    biggest_in = max((c.cin * c.hw_in[0] * c.hw_in[1] for c in used), default=0)
+    resident = 4 * (math.prod(in_shape) + widest + biggest_in + math.prod(shape))
     return NetInfo(arch, cut, hw, shape, sum(c.macs for c in used), sum(c.params for c in used),
-                   sum(c.buffers for c in used), resident, used)
+                   sum(c.buffers for c in used), resident, used, start, tuple(in_shape))
 
 
 def weights_digest(weights: str | None, seed: int) -> str:

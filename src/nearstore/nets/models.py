@@ -34,7 +34,7 @@ from transformers.models.resnet.configuration_resnet import ResNetConfig
 from transformers.models.resnet.modeling_resnet import ResNetModel
 
 from nearstore.core.errors import OpParamError
-from nearstore.nets.archs import CUTS, check_arch_cut, weights_digest  # noqa: F401  (re-exported)
+from nearstore.nets.archs import CUTS, check_arch_cut, check_segment, weights_digest  # noqa: F401  (re-exported)
 
 __all__ = ["build", "backbone", "load_state", "state_of", "export_onnx", "weights_digest", "WeightsError", "CALIBRATION_SAMPLES", "CALIBRATION_HW"]
 
@@ -79,19 +79,27 @@ class Cut(nn.Module):
         return x
 
 
-def _parts(arch: str, net: nn.Module, cut: str) -> list[tuple[str, nn.Module]]:
-    """(state-dict prefix, module) of each piece up to ``cut``."""
+def _parts(arch: str, net: nn.Module, cut: str, start: str = "input") -> list[tuple[str, nn.Module]]:
+    """(state-dict prefix, module) of each piece after ``start`` up to ``cut``."""
     upto = CUTS.index(cut if cut != "pooled" else "layer4")
+    first = 0 if start == "input" else CUTS.index(start) + 1
     if arch.startswith("resnet"):
         pieces = [("embedder", net.embedder)] + [(f"encoder.stages.{i}", s) for i, s in enumerate(net.encoder.stages)]
-        return pieces[: upto + 1]
+        return pieces[first: upto + 1]
     # MobileNetV2: layer i of transformers' 16 inverted residuals; the stem holds the first (expansion 1)
     groups = {"stem": [("conv_stem", net.conv_stem)],
               "layer1": [(f"layer.{i}", net.layer[i]) for i in range(0, 2)],
               "layer2": [(f"layer.{i}", net.layer[i]) for i in range(2, 5)],
               "layer3": [(f"layer.{i}", net.layer[i]) for i in range(5, 12)],
               "layer4": [(f"layer.{i}", net.layer[i]) for i in range(12, 16)] + [("conv_1x1", net.conv_1x1)]}
-    return [p for c in CUTS[: upto + 1] for p in groups[c]]
+    return [p for c in CUTS[first: upto + 1] for p in groups[c]]
+
+
+def _names_up_to(arch: str, cut: str) -> list[str]:
+    """The state-dict prefixes of the pieces up to ``cut`` (what a segment starting at ``cut`` leaves out)."""
+    with torch.device("meta"):
+        net = backbone(arch)
+    return [p for p, _ in _parts(arch, net, cut)]
 
 
 def _init(module: nn.Module, seed: int) -> None:
@@ -211,13 +219,21 @@ def export_onnx(module: Cut, path: str | Path) -> None:
                       verbose=False, external_data=False)
 
 
-def build(arch: str, cut: str, *, weights: str | None = None, seed: int = 0) -> Cut:
-    """``arch`` up to ``cut`` in eval mode, with seeded or loaded weights (see the module doc)."""
-    check_arch_cut(arch, cut)
+def build(arch: str, cut: str, *, weights: str | None = None, seed: int = 0, start: str = "input") -> Cut:
+    """``arch`` from ``start`` up to ``cut`` in eval mode, with seeded or loaded weights (see the module doc).
+
+    A segment (``start`` past the input) holds exactly the weights the whole network up to ``cut`` has there:
+    segments run one after the other compute what the uncut network computes."""
+    check_segment(arch, start, cut)
+    if start != "input" and weights is None:
+        # seeded weights and batch-norm statistics are drawn in order from the input: build the prefix, keep the end
+        whole = build(arch, cut, seed=seed)
+        skip = len(_names_up_to(arch, start))
+        return Cut(list(whole.parts.items())[skip:], pooled=cut == "pooled").eval()
     with torch.device("meta"):  # structure only: every tensor is set below (transformers' init would be wasted)
         net = backbone(arch)
     net.to_empty(device="cpu")
-    module = Cut([(_mangle(p), m) for p, m in _parts(arch, net, cut)], pooled=cut == "pooled")
+    module = Cut([(_mangle(p), m) for p, m in _parts(arch, net, cut, start)], pooled=cut == "pooled")
     for name, buf in module.named_buffers():
         if name.endswith("num_batches_tracked"):
             buf.zero_()

@@ -42,7 +42,7 @@ class Engine(Protocol):
     name: str
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W) -> float32 activations (N, ...), C-contiguous."""
+        """float32 (N, C, H, W) -> float32 activations (N, ...), C-contiguous."""
 
 
 def cache_dir() -> Path:
@@ -65,9 +65,10 @@ class TorchEngine:
             return self.module(t).contiguous().numpy()
 
 
-def _export(module: nn.Module, path: Path, hw: tuple[int, int], *, optimize: bool) -> None:
-    """Export ``module`` with a dynamic batch dimension (atomically: a temp file, then a rename)."""
-    x = torch.zeros((2, 3, *hw))
+def _export(module: nn.Module, path: Path, shape: tuple[int, ...], *, optimize: bool) -> None:
+    """Export ``module`` (input: a batch of ``shape``) with a dynamic batch dimension (atomically: a temp file,
+    then a rename)."""
+    x = torch.zeros((2, *shape))
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
@@ -81,9 +82,9 @@ def _export(module: nn.Module, path: Path, hw: tuple[int, int], *, optimize: boo
             os.unlink(tmp)
 
 
-def onnx_model(module: nn.Module, key: str, hw: tuple[int, int], *, int8: bool = False) -> Path:
-    """The cached ONNX file of ``module`` (exported, and quantized when ``int8``, on first use; one process
-    at a time per file)."""
+def onnx_model(module: nn.Module, key: str, shape: tuple[int, ...], *, int8: bool = False) -> Path:
+    """The cached ONNX file of ``module`` for inputs of ``shape`` (C, H, W) (exported, and quantized when
+    ``int8``, on first use; one process at a time per file)."""
     path = cache_dir() / f"{key}{'-int8-' + QUANT_VERSION if int8 else ''}.onnx"
     if path.exists():
         return path
@@ -91,15 +92,18 @@ def onnx_model(module: nn.Module, key: str, hw: tuple[int, int], *, int8: bool =
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             if int8:
-                _quantize(onnx_model(module, key, hw), path, hw)
+                _quantize(onnx_model(module, key, shape), path, shape)
             else:
                 t0 = time.perf_counter()
-                _export(module, path, hw, optimize=True)
+                _export(module, path, shape, optimize=True)
                 log.info("exported %s to ONNX in %.1f s", key, time.perf_counter() - t0)
     return path
 
 
-def _quantize(src: Path, dst: Path, hw: tuple[int, int]) -> None:
+def _quantize(src: Path, dst: Path, shape: tuple[int, ...]) -> None:
+    if shape[0] != 3:  # calibration data are images: a segment fed activations has none to calibrate on
+        raise OpParamError(f"the int8 engine runs a network from its input image (3 x H x W), not a segment fed "
+                           f"{shape[0]}-channel activations; use engine onnxruntime or pytorch for it")
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -108,7 +112,7 @@ def _quantize(src: Path, dst: Path, hw: tuple[int, int]) -> None:
             g = np.random.default_rng(0)
             mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
             std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
-            self.batches = iter([{"x": ((g.integers(0, 256, (4, 3, *hw)).astype(np.float32) / 255 - mean) / std)}
+            self.batches = iter([{"x": ((g.integers(0, 256, (4, *shape)).astype(np.float32) / 255 - mean) / std)}
                                  for _ in range(4)])
 
         def get_next(self) -> dict | None:
@@ -150,8 +154,8 @@ class OrtEngine:
         return np.ascontiguousarray(self.session.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0])
 
 
-def make_engine(name: str, module: nn.Module, *, key: str, hw: tuple[int, int]) -> Engine:
-    """Engine ``name`` for ``module`` (``key`` names its cached exports; ``hw`` is the input size)."""
+def make_engine(name: str, module: nn.Module, *, key: str, shape: tuple[int, ...]) -> Engine:
+    """Engine ``name`` for ``module`` (``key`` names its cached exports; ``shape``: one input sample's C, H, W)."""
     if name not in ENGINES:
         raise OpParamError(f"unknown engine {name!r}; engines: auto, {', '.join(ENGINES)}")
     if name not in engines():
@@ -159,20 +163,20 @@ def make_engine(name: str, module: nn.Module, *, key: str, hw: tuple[int, int]) 
                            "(pip install 'nearstore[nets]' for ONNX Runtime)")
     if name == "pytorch":
         return TorchEngine(module)
-    return OrtEngine(onnx_model(module, key, hw, int8=name == "onnxruntime-int8"), name)
+    return OrtEngine(onnx_model(module, key, shape, int8=name == "onnxruntime-int8"), name)
 
 
-def pick_engine(module: nn.Module, *, key: str, hw: tuple[int, int], batch: int = 8,
+def pick_engine(module: nn.Module, *, key: str, shape: tuple[int, ...], batch: int = 8,
                 candidates: tuple[str, ...] = AUTO_CANDIDATES, rounds: int = 3) -> tuple[Engine, dict[str, float]]:
     """The fastest of ``candidates`` here, measured on a seeded batch (median of ``rounds`` after a
     warm-up); returns it and every candidate's seconds per batch."""
-    x = np.random.default_rng(0).standard_normal((batch, 3, *hw), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
     times: dict[str, float] = {}
     best: Engine | None = None
     for name in candidates:
         if name not in engines():
             continue
-        eng = make_engine(name, module, key=key, hw=hw)
+        eng = make_engine(name, module, key=key, shape=shape)
         eng.run(x)
         runs = []
         for _ in range(rounds):

@@ -71,6 +71,18 @@ class NodeOptions(BaseModel):
     slowdown: float = Field(1.0, ge=1.0)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # node n serves metrics on this + n (0: any free port)
     ops_modules: list[str] = Field(default_factory=list)  # op modules every node imports (--ops-module)
+    # CPUs every node process (and its workers) is pinned to (--cpus): nodes on CPUs of their own emulate
+    # storage hosts whose cores the loader does not share; None: the CPUs this process may use
+    cpus: list[int] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _cpus_here(self) -> "NodeOptions":
+        if self.cpus is not None:
+            here = os.sched_getaffinity(0)
+            if not set(self.cpus) <= here:
+                raise ValueError(f"cpus {sorted(set(self.cpus) - here)} are not among this machine's CPUs "
+                                 f"available here ({sorted(here)})")
+        return self
 
     def metrics_port_of(self, n: int) -> int | None:
         if self.metrics_port is None:
@@ -121,6 +133,8 @@ def _launch_node(store: Path, n: int, opts: NodeOptions, *, port: int, detach: b
         cmd += ["--metrics-port", str(opts.metrics_port_of(n))]
     for m in opts.ops_modules:
         cmd += ["--ops-module", m]
+    if opts.cpus is not None:
+        cmd += ["--cpus", ",".join(map(str, opts.cpus))]
     env = dict(os.environ)
     if opts.token:
         env["NEARSTORE_TOKEN"] = opts.token

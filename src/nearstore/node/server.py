@@ -403,7 +403,7 @@ class NodeServer(flight.FlightServerBase):
             result = {"ok": True, "node": self.node_id, "dataset": man.name, "samples": man.num_samples,
                       "shards_held": len(held), "workers": self.workers, "worker_kind": self.pool.kind,
                       "worker_restarts": self.pool.restarts, "worker_pids": self.pool.pids, "link_bytes_per_s": self.link.rate,
-                      "slowdown": self.slowdown,
+                      "slowdown": self.slowdown, "cpus": sorted(os.sched_getaffinity(0)),
                       "pid": os.getpid()}
         elif kind == "stats":
             result = {**self.stats.snapshot(), "cpu_seconds": self.pool.cpu_seconds(), "streams": self.limits.snapshot()}
@@ -486,6 +486,16 @@ def _engine_version(engine: str) -> str | None:
         return None
 
 
+def _cpu_list(text: str) -> list[int]:
+    try:
+        cpus = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cpus takes CPU numbers separated by commas (e.g. 1 or 2,3), got {text!r}") from None
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"--cpus takes CPU numbers >= 0, got {text!r}")
+    return cpus
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nearstore node serve", description="Serve one node directory over Flight.")
     ap.add_argument("--data", required=True, help="the node directory (STORE/node-XXX)")
@@ -514,7 +524,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops-module", action="append", default=[], metavar="MODULE",
                     help="import ops from this module (dotted name or .py file; repeatable); one that fails to "
                          "import is reported by the capabilities action, and the node serves its other ops")
+    ap.add_argument("--cpus", type=_cpu_list, default=None, metavar="LIST",
+                    help="pin the node and its workers to these CPUs (e.g. 1 or 2,3): a storage host's own cores")
     args = ap.parse_args(argv)
+    if args.cpus is not None:  # first, before any thread or worker process starts: they inherit it
+        try:
+            os.sched_setaffinity(0, args.cpus)
+        except OSError as exc:
+            ap.error(f"--cpus {','.join(map(str, args.cpus))}: {exc.strerror} (CPUs here: "
+                     f"{sorted(os.sched_getaffinity(0))})")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     retain_freed_memory()  # this process is the server's own: reuse freed message buffers
     os.environ.update(MALLOC_ENV)  # and its worker processes (they inherit the environment)

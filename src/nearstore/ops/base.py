@@ -133,6 +133,11 @@ class Op:
             allowed = ", ".join(f"{k}: {v.annotation}" for k, v in self.Params.model_fields.items())
             raise OpParamError(f"op {self.name}: {problems} (parameters: {allowed or 'none'})") from None
 
+    @property
+    def label(self) -> str:
+        """The stage name this op gives a pipeline (unique within it: timings and profiles are keyed by it)."""
+        return self.name
+
     def check_input(self, spec: Spec, position: int) -> None:
         if spec.kind not in self.inputs:
             raise OpParamError(

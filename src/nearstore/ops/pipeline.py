@@ -100,7 +100,7 @@ class Pipeline:
                 )
                 i += 2
             else:
-                stages.append(Stage(i, i + 1, op.name, op, i if op.random else None, op.into, op))
+                stages.append(Stage(i, i + 1, op.label, op, i if op.random else None, op.into, op))
                 i += 1
         return stages
 

@@ -1,25 +1,41 @@
 """Measure a cluster, predict every split with the one model, choose.
 
-Resources (``nearstore.model.Resource``), per split k (ops[:k] on the nodes):
+What is measured (``measure``), once per plan:
 
-- ``node<i>``: node i runs ``workers`` op threads (W thread-seconds/s); demand:
-  its share of the samples x (read + node stages + per-byte send cost), from
-  its own profile (nodes hold different shards, so shares and sizes differ).
-- ``host_threads``: the loader's ``workers`` op threads; demand: host stages
-  + the per-byte receive cost (crc check, batch assembly, gRPC).
-- ``cpu``: when nodes and loader share a machine (loopback endpoints), its
-  effective cores, measured (for a split that is CPU-bound: the cores its own
-  calibration runs kept busy); demand: everything above, measured per split.
+- per node, alone: seconds per sample of reading and of each stage, as the node
+  runs them (the ``profile`` action; a batched stage such as a network runs on
+  the whole profiled batch), and the bytes after each stage;
+- on this host: seconds per sample of each stage, the same way;
+- per byte: the CPU a byte costs to send and to receive (crc32c and copies);
+- the CPU sets (affinity) of this process and of every node on this machine,
+  and how many effective cores a CPU of them gives (a VM's vCPUs may share);
+- at most ONE end-to-end run of the loader (``calibrate``), at the split the
+  profiles predict best: the CPU it really used per sample, on the nodes and
+  on the host, beyond what the profiles account for (gRPC, Arrow, Python per
+  row). That residue becomes a per-sample overhead of each side at every
+  split; the plan records the run, its split and why (``Plan.calibration``).
 
-``choose`` takes the fastest split; predictions within the calibration runs'
-own spread of it are a tie, won by the fewest bytes on the link, then the most
+Resources (``nearstore.model.Resource``), per split k (stages[:k] on the nodes,
+placed by ``model.place``):
+
+- ``node<i>``: node i's ``workers`` op threads (thread-seconds/s); demand: its
+  share of the samples x (read + its stages, slowed as it is + bytes sent).
+- ``host_threads``: the loader's ``workers`` op threads; demand: the host
+  stages + the bytes received.
+- CPU sets: the nodes on this machine and the loader charge the CPU their
+  work really takes (an emulated slowdown is idle time, not CPU) to the cores
+  of their CPU set; sets that overlap are one resource (``cpu`` when the loader
+  is in it). Nodes on CPU sets of their own (or on other hosts) do not take
+  the loader's cores.
+- ``link<i>``: node i's link at the cap; demand: its share x bytes per sample
+  on the wire at this split (the declared output size of the last node stage,
+  so a network's large early activations are priced before anything runs).
+- ``accelerator``: mean batch / (step time + the wake-up lag the loader's
+  threads cause), when a step time is given.
+
+``choose`` takes the fastest split; predictions within the measurements'
+spread of it are a tie, won by the fewest bytes on the link, then the most
 stages on the nodes.
-- ``link<i>``: node i's link at the cap (when capped); demand: its share of
-  the samples x bytes per sample on the wire at this split.
-- ``accelerator``: batch / step time samples/s; demand: 1 per sample.
-
-Per-stage seconds come from the nodes' ``profile`` action and from running
-the same stages on the host; bytes from the pipeline's declared specs.
 """
 
 from __future__ import annotations
@@ -31,7 +47,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -41,11 +57,12 @@ from nearstore.core.errors import ConfigError
 from nearstore.model.core import Resource, Stage, evaluate
 from nearstore.model.placement import Placement, Site, StageCost, place
 from nearstore.node.client import ClusterSource, node_client
-from nearstore.ops.image import worker_init
 from nearstore.ops.base import Spec
+from nearstore.ops.image import worker_init
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 
-__all__ = ["Measurements", "SplitPrediction", "Plan", "measure", "predict", "plan", "ROW_OVERHEAD_BYTES"]
+__all__ = ["Measurements", "SplitPrediction", "Plan", "measure", "predict", "plan", "choose", "cpu_sets", "fit",
+           "ROW_OVERHEAD_BYTES"]
 
 #: Arrow framing per row besides the data (sample, key, label, shape, crc, offsets), measured on our batches
 ROW_OVERHEAD_BYTES = 96
@@ -58,8 +75,6 @@ class Measurements:
     nodes: int
     node_workers: int
     host_workers: int
-    colocated: bool
-    cores: float  # effective parallel cores of the machine the loader runs on
     link_bytes_per_s: float | None  # per node; None: not a constraint
     raw_bytes: float  # stored bytes per sample
     stage_names: list[str]
@@ -67,28 +82,39 @@ class Measurements:
     node_share: list[float]  # fraction of the samples each node serves (its primary shards)
     node_raw_bytes: list[float]  # mean stored bytes of each node's samples
     node_read_s: list[float]  # seconds per sample to read and verify, per node
-    node_stage_s: list[list[float]]  # per node, per stage
+    node_stage_s: list[list[float]]  # per node, per stage (wall seconds alone, an emulated slowdown included)
     node_slowdown: list[float]  # emulated weaker CPUs: that factor of the node's op time is idle, not CPU
     host_stage_s: list[float]
     out_bytes: list[float]  # bytes per sample after each stage
     send_s_per_byte: float
     recv_s_per_byte: float
-    # when nodes share the loader's machine: CPU seconds per sample at each split, measured by running the
-    # loader there for a moment (every process's CPU time: stages, gRPC, Arrow, Python, copies)
-    cpu_measured: dict[int, float] = field(default_factory=dict)
-    # cores kept busy during that run, per split: where the split is CPU-bound this is the CPU it can use
-    # (below the machine's cores when, say, a node's single worker idles between requests)
-    busy_cores: dict[int, float] = field(default_factory=dict)
-    # how far apart repeated calibration runs of the same split landed (median relative difference of their
-    # throughputs): predictions closer than this cannot be told apart
-    noise: float = 0.0
-    # seconds a training-loop thread that sleeps (the accelerator step) waits to run again, per split:
-    # the loader's Python threads hold the GIL; the step effectively lasts step_time + this
-    wake_s: dict[int, float] = field(default_factory=dict)
+    # CPU sets: this process's and, per node, the node's when it runs on this machine (None: another host)
+    host_cpus: list[int] = field(default_factory=lambda: [0])
+    node_cpus: list[list[int] | None] = field(default_factory=list)
+    core_efficiency: float = 1.0  # effective cores per CPU of a set, measured (below 1 where vCPUs share)
+    # cores a CPU set really gave the loader and nodes, where the calibration run was bound by it (it replaces
+    # that set's size x core_efficiency: the processes' own idle gaps and other work on the machine count)
+    cpu_rates: dict[str, float] = field(default_factory=dict)
+    # CPU seconds per sample the profiles do not see (gRPC, Arrow, Python per row), per side: from the
+    # calibration run (0 without one)
+    node_overhead_s: float = 0.0
+    host_overhead_s: float = 0.0
+    # seconds a training-loop thread that sleeps (the accelerator step) waits to run again: the loader's Python
+    # threads hold the GIL; the step effectively lasts step_time + this (from the calibration run)
+    wake_s: float = 0.0
+    calibration: dict = field(default_factory=lambda: {"runs": 0, "why": "none made"})
+    noise: float = 0.0  # relative spread of the measurements: predictions closer than this are a tie
     step_time: float | None = None
     batch_size: int = 64
     samples_per_epoch: int = 0  # a short last batch per epoch lowers the mean batch the accelerator gets
     stage_macs: list[float] = field(default_factory=list)  # declared multiply-accumulates per sample, per stage
+    seconds: dict[str, float] = field(default_factory=dict)  # where planning time went (profile, calibrate...)
+
+    def __post_init__(self) -> None:
+        if not self.node_cpus:  # not given: nodes on other hosts
+            self.node_cpus = [None] * self.nodes
+        if len(self.node_cpus) != self.nodes:
+            raise ConfigError(f"node_cpus has {len(self.node_cpus)} entries for {self.nodes} nodes")
 
     @property
     def mean_batch(self) -> float:
@@ -100,6 +126,10 @@ class Measurements:
         if k == 0:
             return (self.raw_bytes if node is None else self.node_raw_bytes[node]) + ROW_OVERHEAD_BYTES
         return self.out_bytes[self.stage_stops.index(k)] + ROW_OVERHEAD_BYTES
+
+    def index(self, k: int) -> int:
+        """The number of stages split ``k`` runs on the nodes."""
+        return 0 if k == 0 else self.stage_stops.index(k) + 1
 
 
 @dataclass
@@ -120,60 +150,109 @@ class Plan:
     predictions: list[SplitPrediction]
     measurements: Measurements = field(repr=False)
 
+    @property
+    def calibration(self) -> dict:
+        """The end-to-end loader runs the plan made (0 or 1), at which split and why."""
+        return self.measurements.calibration
+
     def as_dict(self) -> dict:
         return {"choice": self.choice, "reason": self.reason, "predictions": [asdict(p) for p in self.predictions],
-                "measurements": asdict(self.measurements)}
+                "calibration": self.calibration, "measurements": asdict(self.measurements)}
 
 
 def _costs(names: list[str], seconds: list[float], out_bytes: list[float], macs: list[float]) -> list[StageCost]:
     return [StageCost(name=n, core_s=s, out_bytes=b, macs=c) for n, s, b, c in zip(names, seconds, out_bytes, macs)]
 
 
+def cpu_sets(m: Measurements) -> tuple[list[str | None], str, dict[str, float]]:
+    """The CPU resource each node charges (None: a node on another host), the loader's, and each resource's
+    effective cores. CPU sets that overlap are one resource: ``cpu`` when the loader's set is in it."""
+    sets: list[set[int]] = [set(m.host_cpus)] + [set(c) if c is not None else set() for c in m.node_cpus]
+    owner = list(range(len(sets)))
+
+    def root(i: int) -> int:
+        while owner[i] != i:
+            i = owner[i]
+        return i
+
+    for i in range(len(sets)):
+        for j in range(i):
+            if sets[i] & sets[j]:
+                owner[root(i)] = root(j)
+    members: dict[int, set[int]] = {}
+    for i, st in enumerate(sets):
+        members.setdefault(root(i), set()).update(st)
+    others = sorted(r for r, cpus in members.items() if r != root(0) and cpus)  # (a remote node has no set)
+    name: dict[int, str | None] = {r: None for r in members}
+    name.update({root(0): "cpu", **{r: ("node_cpus" if len(others) == 1 else f"node_cpus{j}")
+                                    for j, r in enumerate(others)}})
+    rates = {name[r]: len(cpus) * m.core_efficiency for r, cpus in members.items() if cpus and name[r]}
+    rates.update({g: r for g, r in m.cpu_rates.items() if g in rates})
+    nodes = [name[root(i + 1)] if m.node_cpus[i] is not None else None for i in range(m.nodes)]
+    return nodes, "cpu", rates
+
+
 def sites(m: Measurements) -> tuple[list[Site], Site]:
     """The nodes (storage side, each with its share of the samples and its own measured costs) and the host."""
     macs = m.stage_macs or [0.0] * len(m.stage_names)
+    groups, host_group, _ = cpu_sets(m)
     nodes = [Site(cpu=f"node{n}", share=m.node_share[n], costs=_costs(m.stage_names, m.node_stage_s[n], m.out_bytes,
                                                                       macs),
                   input_bytes=m.node_raw_bytes[n], fixed_s=m.node_read_s[n], byte_s=m.send_s_per_byte,
                   link={f"link{n}": 1.0} if m.link_bytes_per_s else {},
-                  also={"cpu": 1.0 / m.node_slowdown[n]} if m.colocated else {})
+                  also={groups[n]: 1.0 / m.node_slowdown[n]} if groups[n] else {})
              for n in range(m.nodes)]
     host = Site(cpu="host_threads", costs=_costs(m.stage_names, m.host_stage_s, m.out_bytes, macs),
-                byte_s=m.recv_s_per_byte, also={"cpu": 1.0} if m.colocated else {})
+                byte_s=m.recv_s_per_byte, also={host_group: 1.0})
     return nodes, host
+
+
+def _demands(m: Measurements, i: int) -> dict[str, float]:
+    """Per-sample demands of the split that runs the first ``i`` stages on the nodes."""
+    nodes, host = sites(m)
+    macs = m.stage_macs or [0.0] * len(m.stage_names)
+    placed = place(Placement(i), _costs(m.stage_names, m.host_stage_s, m.out_bytes, macs), storage=nodes,
+                   compute=host, input_bytes=m.raw_bytes, frame_bytes=ROW_OVERHEAD_BYTES)
+    demands: dict[str, float] = {}
+    for st in placed:
+        for r, d in st.demands.items():
+            demands[r] = demands.get(r, 0.0) + d
+    groups, host_group, _ = cpu_sets(m)
+    for n, g in enumerate(groups):
+        if g:  # reading is not slowed (the site charged it at 1/slowdown), and the overhead the profiles miss
+            slow = m.node_slowdown[n]
+            demands[g] += m.node_share[n] * (m.node_read_s[n] * (1.0 - 1.0 / slow) + m.node_overhead_s)
+    demands[host_group] = demands.get(host_group, 0.0) + m.host_overhead_s
+    return demands
+
+
+def modeled_cpu(m: Measurements, k: int) -> tuple[float, float]:
+    """(node, host) CPU seconds per sample at split ``k`` that the profiles account for (no overheads)."""
+    i = m.index(k)
+    node = sum(m.node_share[n] * (m.node_read_s[n] + sum(m.node_stage_s[n][:i]) / m.node_slowdown[n]
+                                  + m.wire_bytes(k, n) * m.send_s_per_byte) for n in range(m.nodes))
+    wire = sum(m.node_share[n] * m.wire_bytes(k, n) for n in range(m.nodes))
+    host = sum(m.host_stage_s[i:]) + wire * m.recv_s_per_byte
+    return node, host
 
 
 def predict(m: Measurements) -> list[SplitPrediction]:
     """Evaluate every valid split with the model (the placement of stages[:i] on the nodes: ``model.place``)."""
     res = [Resource(name=f"node{i}", rate=m.node_workers, unit="thread-s") for i in range(m.nodes)]
     res.append(Resource(name="host_threads", rate=m.host_workers, unit="thread-s"))
-    if m.colocated:
-        res.append(Resource(name="cpu", rate=m.cores, unit="core-s"))
+    res += [Resource(name=g, rate=rate, unit="core-s") for g, rate in cpu_sets(m)[2].items()]
     if m.link_bytes_per_s:
         res += [Resource(name=f"link{i}", rate=m.link_bytes_per_s) for i in range(m.nodes)]
-    nodes, host = sites(m)
+    if m.step_time:
+        res.append(Resource(name="accelerator", rate=m.mean_batch / (m.step_time + m.wake_s), unit="sample"))
     macs = m.stage_macs or [0.0] * len(m.stage_names)
     out = []
     for i, k in enumerate([0, *m.stage_stops]):
-        placed = place(Placement(i), _costs(m.stage_names, m.host_stage_s, m.out_bytes, macs), storage=nodes,
-                       compute=host, input_bytes=m.raw_bytes, frame_bytes=ROW_OVERHEAD_BYTES)
-        demands: dict[str, float] = {}
-        for st in placed:
-            for r, d in st.demands.items():
-                demands[r] = demands.get(r, 0.0) + d
-        wire = sum(m.node_share[n] * m.wire_bytes(k, n) for n in range(m.nodes))
-        if m.colocated and k in m.cpu_measured:
-            demands["cpu"] = m.cpu_measured[k]
-        step_res = []
+        demands = _demands(m, i)
         if m.step_time:
-            step = m.step_time + m.wake_s.get(k, 0.0)
-            step_res = [Resource(name="accelerator", rate=m.mean_batch / step, unit="sample")]
             demands["accelerator"] = 1.0
-        ev = evaluate(res + step_res, [Stage(name=f"split {k}", demands=demands)])
-        if ev.bottleneck == "cpu" and m.busy_cores.get(k, 0.0) > 0:  # CPU-bound: the cores this split used
-            cpu_res = Resource(name="cpu", rate=m.busy_cores[k], unit="core-s")
-            ev = evaluate([cpu_res if r.name == "cpu" else r for r in res] + step_res,
-                          [Stage(name=f"split {k}", demands=demands)])
+        ev = evaluate(res, [Stage(name=f"split {k}", demands=demands)])
+        wire = sum(m.node_share[n] * m.wire_bytes(k, n) for n in range(m.nodes))
         out.append(SplitPrediction(split=k, node_stages=m.stage_names[:i],
                                    samples_per_s=ev.samples_per_s, bottleneck=ev.bottleneck or "-",
                                    bytes_per_sample=wire, node_macs_per_sample=sum(macs[:i]),
@@ -238,44 +317,57 @@ def _burn(reps: int) -> float:
     return time.perf_counter() - t0
 
 
-def effective_cores(*, processes: int | None = None, reps: int = 8) -> float:
-    """How many cores ``processes`` concurrent processes really get, measured (a VM's vCPUs may share)."""
-    processes = processes or os.cpu_count() or 1
+def core_efficiency(cpus: int, *, reps: int = 4) -> float:
+    """Effective cores per CPU when ``cpus`` processes run at once on this process's CPU set, measured (a
+    VM's vCPUs may share a physical core; other work may take some): 1.0 for a set of one CPU."""
+    if cpus < 2:
+        return 1.0
     alone = min(_burn(reps) for _ in range(2))
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(processes) as pool:
+    with multiprocessing.get_context("fork").Pool(cpus) as pool:
         t0 = time.perf_counter()
-        pool.map(_burn, [reps] * processes)
+        pool.map(_burn, [reps] * cpus)
         together = time.perf_counter() - t0
-    return max(1.0, min(float(processes), processes * alone / together))
+    return max(0.25, min(1.0, alone / together))
+
+
+def _stage_seconds(pipeline: Pipeline, xs: list, keys: list[str]) -> list[float]:
+    """Seconds per sample of each stage run over ``xs`` as a loader's worker runs a batch (a batched stage,
+    such as a network, on all of them at once); a sample that fails is an error: profiles need every one."""
+    cur, acc = list(xs), []
+    for st in pipeline.stages:
+        t = {st.name: 0.0}
+        out: list = [None] * len(cur)
+        errors = pipeline.run_batch(cur, keys=keys, seed=0, epoch=0, starts=st.start, stops=st.stop, timings=t,
+                                    out=out)
+        bad = next((e for e in errors if e is not None), None)
+        if bad is not None:
+            raise ConfigError(f"the planner could not profile stage {st.name} on this host: {bad}")
+        acc.append(t[st.name] / max(len(cur), 1))
+        cur = out
+    return acc
 
 
 def _host_stage_seconds(pipeline: Pipeline, raw: list, rounds: int = 3) -> list[float]:
-    """Seconds per sample of each stage on this host (median of ``rounds`` passes over ``raw``)."""
-    stages = pipeline.stages
-    per_round = []
-    for _ in range(rounds):
-        acc = [0.0] * len(stages)
-        for f in raw:
-            x = f.data
-            for i, st in enumerate(stages):
-                t0 = time.perf_counter()
-                x = pipeline.run(x, key=f.key, seed=0, epoch=0, start=st.start, stop=st.stop)
-                acc[i] += time.perf_counter() - t0
-        per_round.append([a / len(raw) for a in acc])
-    return [float(np.median([r[i] for r in per_round])) for i in range(len(stages))]
+    """Seconds per sample of each stage on this host (median of ``rounds`` passes over ``raw``, after an
+    untimed pass over two samples that builds what ops build on first use, a network's engine)."""
+    keys = [f.key for f in raw]
+    xs = [f.data for f in raw]
+    _stage_seconds(pipeline, xs[:2], keys[:2])
+    per_round = [_stage_seconds(pipeline, xs, keys) for _ in range(rounds)]
+    return [float(np.median([r[i] for r in per_round])) for i in range(len(pipeline.stages))]
 
 
-def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int, loader: Callable[..., Any],  # noqa: ANN001
-                    min_seconds: float = 1.0) -> tuple[float, float, float]:
-    """Run the loader at split k for a moment (64-512 samples and at least ``min_seconds``): (CPU s per
-    sample over every process, cores busy, wake-up lag).
+def _run_loader(spec, pipeline: Pipeline, m: Measurements, k: int, loader: Callable[..., Any],  # noqa: ANN001
+                rate: float, min_seconds: float = 0.5) -> dict:
+    """Run the loader at split k for a moment (``min_seconds`` at the predicted ``rate``, 32-512 samples,
+    and at least ``min_seconds``): CPU seconds per
+    sample on the nodes and on the host, cores kept busy, samples/s, and the wake-up lag of a sleeping thread.
 
     CPU time is read from this process (``process_time``) and from each node
     (its ``stats`` action), so emulated slowdowns (sleep) and link waits do
-    not count; the loader's start-up is not counted either.
+    not count; the loader's start-up (its first batch) is not counted either.
     """
-    n = int(min(512, max(64, 48e6 / m.wire_bytes(k))))
+    n = int(min(512, max(32, rate * min_seconds)))
     lags: list[float] = []
     stop = threading.Event()
 
@@ -305,8 +397,8 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int, loader: C
                     if seen >= n and time.perf_counter() - w0 >= min_seconds:
                         break
             stop.set()
-            ld.close()  # let batches in flight finish, so the CPU counted matches the samples counted
             wall = time.perf_counter() - w0
+            ld.close()  # let batches in flight finish, so the CPU counted matches the samples counted
             host_cpu = time.process_time() - h0
             after = _settled_stats(clients)
             node_cpu = sum(a["cpu_seconds"] - b["cpu_seconds"] for a, b in zip(after, before))
@@ -320,7 +412,9 @@ def _cpu_per_sample(spec, pipeline: Pipeline, m: Measurements, k: int, loader: C
             prober.join()
         for c in clients:
             c.close()
-    return node_cpu / processed + host_cpu / built, (node_cpu + host_cpu) / wall, float(np.mean(lags or [0.0]))
+    return {"node_cpu_s": node_cpu / processed, "host_cpu_s": host_cpu / built,
+            "busy_cores": (node_cpu + host_cpu) / wall, "samples_per_s": seen / wall,
+            "wake_s": float(np.mean(lags or [0.0]))}
 
 
 def _settled_stats(clients: list, timeout: float = 2.0) -> list[dict]:
@@ -336,69 +430,65 @@ def _settled_stats(clients: list, timeout: float = 2.0) -> list[dict]:
     return last
 
 
-def _calibrate(spec, pipeline: Pipeline, m: Measurements, loader: Callable[..., Any],  # noqa: ANN001
-               passes: int = 2) -> None:
-    """CPU seconds per sample at every split, measured (nodes share this machine's cores with the loader).
+def calibrate(spec, pipeline: Pipeline, m: Measurements, loader: Callable[..., Any]) -> None:  # noqa: ANN001
+    """The plan's one end-to-end run: the loader at the split the profiles predict best.
 
-    Every split runs once per pass, in forward then reverse order, and the
-    passes are averaged: a machine whose speed drifts while the planner
-    measures does not favour the splits measured first.
-
-    The runs also show how many cores the loader and nodes keep busy at once:
-    runs that saturated the machine (busy cores >= 85% of the profile-based
-    estimate) measure the effective cores better; their median is used. Each
-    split's own busy cores are kept too: a split the model finds CPU-bound is
-    predicted with the cores it kept busy (``predict``).
+    The CPU it used per sample beyond what the profiles account for
+    (``modeled_cpu``) becomes each side's per-sample overhead at every split
+    (gRPC, Arrow, Python per row: costs per sample, not per stage). A residue
+    below zero (the profiles ran slower alone than the stages run in the
+    loader) is kept, down to half the modeled CPU. The accelerator's wake-up
+    lag comes from the same run.
     """
-    splits = [0, *m.stage_stops]
-    runs: dict[int, list[tuple[float, float, float]]] = {k: [] for k in splits}
-    for i in range(passes):
-        for k in splits if i % 2 == 0 else splits[::-1]:
-            runs[k].append(_cpu_per_sample(spec, pipeline, m, k, loader))
-    for k, rs in runs.items():
-        m.cpu_measured[k], m.busy_cores[k], m.wake_s[k] = (float(np.mean(v)) for v in zip(*rs))
-    if passes > 1:  # throughput of each run = busy cores / CPU seconds per sample
-        rates = [[b / max(c, 1e-9) for c, b, _ in rs] for rs in runs.values()]
-        spread = [float(np.ptp(r) / max(np.mean(r), 1e-9)) for r in rates]
-        m.noise = float(np.median(spread))
-    saturated = [b for b in m.busy_cores.values() if b >= 0.85 * m.cores]
-    if saturated:
-        m.cores = float(np.median(saturated))
+    preds = predict(m)
+    k, _ = choose(preds, noise=m.noise)
+    t0 = time.perf_counter()
+    run = _run_loader(spec, pipeline, m, k, loader, next(p.samples_per_s for p in preds if p.split == k))
+    fit(m, k, run)
+    m.calibration["seconds"] = time.perf_counter() - t0
 
 
-def _average_profiles(runs: list[dict]) -> dict:
-    out = dict(runs[0])
-    out["read_seconds"] = float(np.median([r["read_seconds"] for r in runs]))
-    out["stages"] = [dict(st, seconds=float(np.median([r["stages"][i]["seconds"] for r in runs])))
-                     for i, st in enumerate(runs[0]["stages"])]
-    return out
+def fit(m: Measurements, k: int, run: dict) -> None:
+    """Fold one loader run at split ``k`` into ``m`` (``run``: ``node_cpu_s`` and ``host_cpu_s`` per sample,
+    ``samples_per_s``, ``busy_cores``, ``wake_s``): each side's overhead, the wake-up lag and, where the run
+    was bound by a CPU set, the cores that set gave. Pure: tested over recorded runs."""
+    node_model, host_model = modeled_cpu(m, k)
+    m.node_overhead_s = max(run["node_cpu_s"] - node_model, -0.5 * node_model)
+    m.host_overhead_s = max(run["host_cpu_s"] - host_model, -0.5 * host_model)
+    m.wake_s = run["wake_s"]
+    m.cpu_rates = {}
+    at_k = next(p for p in predict(replace(m, step_time=None)) if p.split == k)  # the run had no step
+    cores = cpu_sets(m)[2]
+    if at_k.bottleneck in cores and run["samples_per_s"] > 0:  # CPU-bound: the cores that set really gave
+        m.cpu_rates[at_k.bottleneck] = run["samples_per_s"] * _demands(m, m.index(k))[at_k.bottleneck]
+    m.calibration = {"runs": 1, "split": k,
+                     "why": (f"split {k} is the profiles' best prediction: one loader run there measures the CPU per "
+                             "sample that per-stage profiles miss (gRPC, Arrow, Python per row), applied to every "
+                             "split"),
+                     "node_cpu_s": run["node_cpu_s"], "node_modeled_s": node_model,
+                     "host_cpu_s": run["host_cpu_s"], "host_modeled_s": host_model,
+                     "busy_cores": run["busy_cores"], "samples_per_s": run["samples_per_s"],
+                     "bound_by": at_k.bottleneck, "cpu_rates": dict(m.cpu_rates)}
 
 
-def _profile_nodes(clients: list, ops: list, samples: int, slowdown: list[float],
-                   rounds: int = 3) -> tuple[list[dict], float | None]:
-    """Per-node profiles (median of ``rounds`` runs alone) and, with 2+ nodes, the machine's effective cores.
-
-    Effective cores come from the real kernels: every node profiles alone,
-    then all at once; cores = sum of the alone times / the time together.
-    Emulated slowdowns are idle time, so the nodes' CPU share is used.
-    """
-    alone: list[list[dict]] = [[] for _ in clients]
-    together: list[float] = []
-    walls: list[list[float]] = [[] for _ in clients]
-    with ThreadPoolExecutor(len(clients)) as pool:
-        for _ in range(rounds):
-            for i, c in enumerate(clients):
-                t0 = time.perf_counter()
-                alone[i].append(c.profile(ops, n=samples))
-                walls[i].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            list(pool.map(lambda c: c.profile(ops, n=samples), clients))
-            together.append(time.perf_counter() - t0)
-    profiles = [_average_profiles(runs) for runs in alone]
-    if len(clients) < 2 or any(s != 1.0 for s in slowdown):
-        return profiles, None
-    work = sum(float(np.median(w)) for w in walls)
-    return profiles, max(1.0, min(float(len(clients)), work / float(np.median(together))))
+def _profile_nodes(clients: list, ops: list, samples: int, rounds: int) -> tuple[list[dict], float]:
+    """Per-node profiles, each node alone (median of ``rounds``), and their spread: the median relative
+    range of a node's total stage seconds over the rounds (0 for one round)."""
+    runs: list[list[dict]] = [[] for _ in clients]
+    for _ in range(rounds):
+        for i, c in enumerate(clients):
+            runs[i].append(c.profile(ops, n=samples))
+    profiles = []
+    spread = []
+    for rs in runs:
+        out = dict(rs[0])
+        out["read_seconds"] = float(np.median([r["read_seconds"] for r in rs]))
+        out["stages"] = [dict(st, seconds=float(np.median([r["stages"][i]["seconds"] for r in rs])))
+                         for i, st in enumerate(rs[0]["stages"])]
+        profiles.append(out)
+        totals = [sum(st["seconds"] for st in r["stages"]) for r in rs]
+        spread.append(float(np.ptp(totals) / max(np.mean(totals), 1e-12)))
+    return profiles, float(np.median(spread))
 
 
 def _loopback(uri: str) -> bool:
@@ -416,21 +506,30 @@ def declared(pipeline: Pipeline, spec: Spec) -> dict:
 
 
 def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: float | None = None,  # noqa: ANN001
-            batch_size: int = 64, samples: int = 32, loader: Callable[..., Any] | None = None) -> Measurements:
-    """Profile the cluster's nodes, this host and this machine for ``pipeline``.
+            batch_size: int = 64, samples: int | None = None,
+            loader: Callable[..., Any] | None = None) -> Measurements:
+    """Profile the cluster's nodes and this host for ``pipeline``, then (with ``loader``) calibrate once.
 
-    ``loader`` is the loader class to calibrate with (``nearstore.Loader``),
-    needed when the nodes share this machine: the planner then runs it at
-    every split for a moment. It is passed in because the loader is the layer
-    above the planner (its ``split="auto"`` calls ``plan``).
+    ``samples``: how many samples each node and the host profile (default: 16
+    for a pipeline with a batched stage such as a network, profiled once; 32
+    for per-sample stages, profiled three times). ``loader`` is the loader
+    class to calibrate with (``nearstore.Loader``); it is passed in because the
+    loader is the layer above the planner (its ``split="auto"`` calls ``plan``).
+    Without it the plan makes no end-to-end run and says so.
     """
+    t_start = time.perf_counter()
     spec = getattr(cluster, "spec", cluster)
+    batched = any(st.batched for st in pipeline.stages)
+    samples = samples or (16 if batched else 32)
+    rounds = 1 if batched else 3
     src = ClusterSource(spec, pipeline, "host")
     try:
         ops = pipeline.to_json()
         src_nodes = list(src.clients)
-        slowdown = [float(c.health().get("slowdown", 1.0)) for c in src.clients.values()]
-        profiles, node_cores = _profile_nodes(list(src.clients.values()), ops, samples, slowdown)
+        health = [c.health() for c in src.clients.values()]
+        t0 = time.perf_counter()
+        profiles, spread = _profile_nodes(list(src.clients.values()), ops, samples, rounds)
+        profile_s = time.perf_counter() - t0
         man = src.manifest
         ids = np.arange(min(samples, man.num_samples))
         raw = [f for f in src.fetch(ids, epoch=0, seed=0) if f.error is None]
@@ -441,8 +540,10 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
     stages = pipeline.stages
     order = list(src_nodes)
     node_s = [[p["stages"][i]["seconds"] for i in range(len(stages))] for p in profiles]
+    t0 = time.perf_counter()
     with ThreadPoolExecutor(1, initializer=worker_init) as pool:  # a thread set up as the loader's workers are
-        host_s = pool.submit(_host_stage_seconds, pipeline, raw).result()
+        host_s = pool.submit(_host_stage_seconds, pipeline, raw, rounds).result()
+    host_profile_s = time.perf_counter() - t0
     figures = declared(pipeline, input_spec_of(man))
     figures["out_bytes"] = [b or float(profiles[0]["stages"][i]["out_bytes"])  # a size no op could declare
                             for i, b in enumerate(figures["out_bytes"])]
@@ -451,30 +552,35 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
         n = next(x for x in sh.nodes if x in samples_by)
         samples_by[n] += sh.samples
         bytes_by[n] += sh.payload_bytes
+    host_cpus = sorted(os.sched_getaffinity(0))
+    # a node on this machine reports its CPU set (one that does not: assume it may use every CPU)
+    node_cpus = [sorted(h.get("cpus") or range(os.cpu_count() or 1)) if _loopback(ep.uri) else None
+                 for h, ep in zip(health, spec.nodes)]
     send, recv = _per_byte_seconds()
     m = Measurements(
         nodes=len(spec.nodes), node_workers=spec.workers_per_node, host_workers=host_workers,
-        colocated=all(_loopback(ep.uri) for ep in spec.nodes),
-        cores=node_cores if node_cores is not None else effective_cores(),
         link_bytes_per_s=spec.link_mbps * 1e6 if spec.link_mbps else None,
         **figures,
         node_share=[samples_by[n] / man.num_samples for n in order],
         node_raw_bytes=[bytes_by[n] / max(samples_by[n], 1) for n in order],
-        node_read_s=[p["read_seconds"] for p in profiles], node_stage_s=node_s, node_slowdown=slowdown,
-        host_stage_s=host_s,
-        send_s_per_byte=send, recv_s_per_byte=recv, step_time=step_time, batch_size=batch_size,
-        samples_per_epoch=man.num_samples,
+        node_read_s=[p["read_seconds"] for p in profiles], node_stage_s=node_s,
+        node_slowdown=[float(h.get("slowdown", 1.0)) for h in health],
+        host_stage_s=host_s, send_s_per_byte=send, recv_s_per_byte=recv,
+        host_cpus=host_cpus, node_cpus=node_cpus, core_efficiency=core_efficiency(len(host_cpus)),
+        noise=spread, step_time=step_time, batch_size=batch_size, samples_per_epoch=man.num_samples,
     )
-    if m.colocated:  # the machine's CPU is shared: calibrate what the stages leave out
-        if loader is None:
-            raise ConfigError("the nodes share this machine, so the planner calibrates by running the loader: "
-                              "pass loader=nearstore.Loader")
-        _calibrate(spec, pipeline, m, loader)
+    m.seconds = {"profile_nodes": profile_s, "profile_host": host_profile_s}
+    if loader is not None:
+        calibrate(spec, pipeline, m, loader)
+        m.seconds["calibrate"] = m.calibration["seconds"]
+    else:
+        m.calibration = {"runs": 0, "why": "no loader class given (loader=...): predictions use the profiles alone"}
+    m.seconds["total"] = time.perf_counter() - t_start
     return m
 
 
 def plan(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: float | None = None,  # noqa: ANN001
-         batch_size: int = 64, samples: int = 32, loader: Callable[..., Any] | None = None) -> Plan:
+         batch_size: int = 64, samples: int | None = None, loader: Callable[..., Any] | None = None) -> Plan:
     """Measure, predict every split, choose; ``Plan.reason`` says why in one line (``loader``: see ``measure``)."""
     m = measure(cluster, pipeline, host_workers=host_workers, step_time=step_time, batch_size=batch_size,
                 samples=samples, loader=loader)
