@@ -25,7 +25,8 @@ from nearstore.jobs import filter_samples, infer, nearest
 from nearstore.nets.quant import TOLERANCE, max_rel_error
 from nearstore.node import LocalCluster
 from nearstore.store.derived import (DerivedExistsError, build_table, decode_table, encode_table, load_derived,
-                                     outputs_of, read_shard_file, shard_path, state_path)
+                                     manifest_path, outputs_of, read_shard_file, shard_path,
+                                     state_path)
 from nearstore.store.ingest import ingest
 from nearstore.store.manifest import Manifest, node_dir_name
 from nearstore.store.query import QueryError, merge_topk, parse_filter, topk
@@ -158,7 +159,7 @@ def _all_rows(store: Path, name: str) -> dict[int, tuple]:
     return out
 
 
-def test_job_computes_every_sample_once_on_the_replicas(jstore, job):
+def test_job_computes_every_sample_once_on_the_replicas(jstore, job, tmp_path):
     man = Manifest.load(jstore)
     d = job.manifest
     assert d.num_samples == man.num_samples and len(d.shards) == len(man.shards)
@@ -170,6 +171,14 @@ def test_job_computes_every_sample_once_on_the_replicas(jstore, job):
         assert sh.nodes == entry.nodes and sh.node == entry.nodes[0]  # same replication; first replica owns it
     assert d.shape == [1280] and d.fingerprint.arch == "mobilenet_v2" and d.fingerprint.dtype == "float16"
     assert not state_path(jstore, "emb").exists()
+    from typer.testing import CliRunner
+
+    from nearstore.cli.main import app
+
+    r = CliRunner().invoke(app, ["info", str(jstore), "--json", str(tmp_path / "info.json")])
+    assert r.exit_code == 0, r.output
+    emb = json.loads((tmp_path / "info.json").read_text())["derived"]["emb"]  # the store's record of it
+    assert emb["generation"] == d.generation and emb["current"] and emb["arch"] == "mobilenet_v2"
 
 
 def test_filter_on_the_nodes_equals_local_filter(jstore, jcluster, job):
@@ -220,6 +229,28 @@ def test_topk_on_the_nodes_equals_brute_force(jstore, jcluster, job):
         nearest(jstore, "emb", x[0], 0, cluster=jcluster.spec)
     with pytest.raises(QueryError, match="has 7 values but 'emb' stores 1280"):
         nearest(jstore, "emb", np.zeros(7), 3, cluster=jcluster.spec)
+
+
+def test_a_node_without_the_network_op_is_refused_before_anything_is_written(jstore, jcluster, tmp_path):
+    """Node 1 started without the network op (its op module removes it): the job names the node and the op
+    and writes nothing, neither here nor on a node."""
+    from nearstore.node.cluster import ClusterSpec, NodeOptions, start_node
+
+    module = tmp_path / "no_network.py"
+    module.write_text("from nearstore.ops.base import unregister\nunregister('network')\n")
+    ep, proc = start_node(jstore, 1, NodeOptions(workers_per_node=1, worker_kind="thread",
+                                                 ops_modules=[str(module)]))
+    try:
+        spec = ClusterSpec(dataset=jcluster.spec.dataset, nodes=[jcluster.spec.nodes[0], ep])
+        with pytest.raises(ConfigError, match=r"node 1 lacks op\(s\) 'network'") as info:
+            infer(jstore, spec, out="refused", **NET)
+        assert "node 0" not in str(info.value) and "--ops-module" in str(info.value)
+    finally:
+        proc.terminate()
+        proc.wait()
+        proc.stdout.close()
+    assert not manifest_path(jstore, "refused").exists() and not state_path(jstore, "refused").exists()
+    assert not list(jstore.glob("node-*/derived/refused"))
 
 
 def test_existing_name_refused_and_overwrite_replaces_atomically(jstore, jcluster, job):
@@ -280,6 +311,44 @@ def test_loader_reads_stored_features_and_the_head_trains_on_them(jstore, job):
                                                    "'seed-0', requested 'seed-1'"):
         derived_loader(jstore, "emb", [*pre, *network_ops(NET["arch"], "layer4", dtype="float16", engine="pytorch",
                                                         seed=1)])
+
+
+def test_the_fingerprint_names_what_made_the_outputs_and_a_changed_int8_recipe_is_refused(jstore, job, tmp_path,
+                                                                                           monkeypatch):
+    """Architecture, cut, weights digest, engine, dtype, the pipeline and the int8 recipes' versions: each one
+    changed is refused, naming it; features stored by an older int8 recipe are refused when read."""
+    import shutil
+
+    from nearstore.jobs.infer import inference_pipeline
+    from nearstore.loader.derived import DerivedMismatchError, DerivedSource, pipeline_fingerprint
+    from nearstore.nets import quant
+    from nearstore.ops.network import network_ops
+    from nearstore.store.derived import Fingerprint, commit_derived
+
+    assert set(Fingerprint.model_fields) == {"arch", "cut", "weights", "engine", "dtype", "pipeline", "quant"}
+
+    def chain(size=NET["size"], **kw):  # noqa: ANN001, ANN202
+        net = {"arch": NET["arch"], "cut": NET["cut"], "dtype": "int8", "engine": "pytorch", **kw}
+        return [*inference_pipeline(size), network_ops(net.pop("arch"), net.pop("cut"), **net)[0]]  # int8 rows
+
+    q8 = chain()
+    fp = pipeline_fingerprint(q8)
+    assert fp.quant == "q8-rows-v1" and pipeline_fingerprint(chain(engine="onnxruntime-int8")).quant == \
+        "static-qdq-v2+q8-rows-v1" and job.manifest.fingerprint.quant == "none"
+    changed = {"arch": chain(arch="resnet18"), "cut": chain(cut="layer4"), "weights": chain(seed=1),
+               "engine": chain(engine="onnxruntime"), "dtype": chain(dtype="float16"), "pipeline": chain(size=56)}
+    for field, ops in changed.items():
+        assert f"{field}: stored" in " ".join(fp.differences(pipeline_fingerprint(ops))), field
+    # int8 features stored by today's recipe (a copy of the store's manifest is all a reader needs to refuse)
+    store = tmp_path / "s"
+    store.mkdir()
+    shutil.copy(jstore / "manifest.json", store / "manifest.json")
+    commit_derived(store, job.manifest.model_copy(update={"name": "q8", "fingerprint": fp, "kind": "act_q8",
+                                                          "dtype": "int8"}))
+    DerivedSource(store, "q8", q8).close()  # the same recipe reads them
+    monkeypatch.setattr(quant, "Q8_ROWS_VERSION", "2")
+    with pytest.raises(DerivedMismatchError, match="quant: stored 'q8-rows-v1', requested 'q8-rows-v2'"):
+        DerivedSource(store, "q8", q8)
 
 
 # -- reliability: real processes killed ---------------------------------------------------------------------

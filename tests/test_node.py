@@ -330,6 +330,41 @@ def test_a_worker_killed_mid_epoch_costs_a_failover_not_a_sample(store):
         assert h["worker_restarts"] == 1 and victim not in h["worker_pids"]
 
 
+def test_slowdown_makes_ops_take_that_many_times_their_cpu_time(store):
+    """--slowdown models a slower CPU: ops take slowdown x the CPU they used, the rest idle and reported;
+    waiting inside an op (what contention from other processes looks like from inside) is not multiplied."""
+    from nearstore.node.workers import NodeWork
+    from nearstore.ops.base import Op, register, unregister
+
+    @register
+    class _Wait(Op):
+        name = "test_wait_50ms"
+        inputs = ("image",)
+
+        def declare(self, spec):  # noqa: ANN001, ANN202
+            return spec.costless()
+
+        def __call__(self, x, rng):  # noqa: ANN001, ANN204
+            time.sleep(0.05)
+            return x
+
+    work = NodeWork(store / "node-000", slowdown=40.0)
+    try:
+        ids = [s.first for i, s in enumerate(work.store.manifest.shards) if work.store.holds(i)][:2]
+        t0 = time.thread_time()
+        _, plain = work.rows(["decode_jpeg"], ids, 0, 0)
+        cpu = time.thread_time() - t0
+        work.slowdown = 3.0
+        _, waits = work.rows(["decode_jpeg", "test_wait_50ms"], ids, 0, 0)
+    finally:
+        work.close()
+        unregister("test_wait_50ms")
+    # two decodes: 40 x their CPU time (the reads around them are not ops)
+    assert 0 < plain["slowdown_seconds"] and sum(plain["op_seconds"].values()) <= 40 * cpu + 1e-3
+    # 100 ms of waiting already exceeds 3 x the decodes' CPU: nothing to add (scaling measured time added 200 ms)
+    assert waits["slowdown_seconds"] < 0.05 and sum(waits["op_seconds"].values()) >= 2 * 0.05
+
+
 def test_killed_node_takes_its_workers_with_it(store):
     import psutil
 

@@ -129,6 +129,15 @@ def test_bad_ingest_parameters(tmp_path, image_folder):
         ingest(image_folder, tmp_path / "s", nodes=2, replicas=3)
     with pytest.raises(ConfigError, match="shard_size"):
         ingest(image_folder, tmp_path / "s", shard_size=10)
+    with pytest.raises(ConfigError, match="shard_samples must be >= 1"):
+        ingest(image_folder, tmp_path / "s", shard_samples=0)
+
+
+def test_shard_samples_caps_each_shard(tmp_path, image_folder):
+    ingest(image_folder, tmp_path / "s", nodes=4, shard_samples=6)  # 48 samples: 8 shards, 2 on each node
+    man = Manifest.load(tmp_path / "s")
+    assert [s.samples for s in man.shards] == [6] * 8
+    assert sorted(n for s in man.shards for n in s.nodes) == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_corrupt_image_in_source(tmp_path, image_folder):

@@ -85,6 +85,7 @@ def ingest_cmd(
     nodes: int = typer.Option(1, help="node directories (K)"),
     replicas: int = typer.Option(1, help="copies of each shard on distinct nodes (R <= K)"),
     shard_size: int = typer.Option(64 << 20, help="target shard size in bytes"),
+    shard_samples: Optional[int] = typer.Option(None, help="at most this many samples per shard (default: no limit)"),
     on_error: str = typer.Option("raise", help="'raise' or 'skip' unreadable images"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
@@ -93,7 +94,8 @@ def ingest_cmd(
 
     with _progress() as p:
         task = p.add_task("ingest", total=None)
-        report = ingest(src, store, nodes=nodes, replicas=replicas, shard_size=shard_size, on_error=on_error,
+        report = ingest(src, store, nodes=nodes, replicas=replicas, shard_size=shard_size,
+                        shard_samples=shard_samples, on_error=on_error,
                         progress=lambda done, total: p.update(task, completed=done, total=total))
     console.print(f"{report.samples} samples in {report.shards} shards on {report.nodes} nodes x{report.replicas} "
                   f"({report.bytes / 1e6:.1f} MB) in {report.seconds:.1f} s; skipped {len(report.skipped)}, "
@@ -103,23 +105,32 @@ def ingest_cmd(
 
 @app.command()
 def info(store: Path = typer.Argument(...), json_path: Optional[Path] = typer.Option(None, "--json")) -> None:
-    """Summarize a store: samples, classes, shards, placement, sizes."""
+    """Summarize a store: samples, classes, shards, placement, sizes, and its derived datasets."""
+    from nearstore.store.derived import list_derived, load_derived
     from nearstore.store.manifest import Manifest
 
     man = Manifest.load(store)
+    derived = {}
+    for name in list_derived(store):  # STORE/derived/NAME.json (docs/jobs.md: where the record lives and why)
+        d = load_derived(store, name)
+        derived[name] = {"samples": d.num_samples, "generation": d.generation, "file_bytes": d.file_bytes,
+                         "current": d.dataset_fingerprint == man.fingerprint, **d.fingerprint.model_dump()}
     data = {
         "name": man.name, "generation": man.generation, "payload": man.payload, "samples": man.num_samples,
         "classes": len(man.classes), "shards": len(man.shards), "nodes": man.nodes, "replicas": man.replicas,
         "tar_bytes": sum(s.tar_bytes for s in man.shards), "mean_payload_bytes": man.mean_payload_bytes,
         "mean_width": man.mean_width, "mean_height": man.mean_height, "fingerprint": man.fingerprint,
-        "placement": {s.name: s.nodes for s in man.shards},
+        "placement": {s.name: s.nodes for s in man.shards}, "derived": derived,
     }
     t = Table(title=f"store {store}")
     t.add_column("field")
     t.add_column("value")
     for k, v in data.items():
-        if k != "placement":
+        if k not in ("placement", "derived"):
             t.add_row(k, f"{v:.1f}" if isinstance(v, float) else str(v))
+    for name, d in derived.items():
+        t.add_row(f"derived {name}", f"{d['arch']} {d['cut']} {d['dtype']} {d['engine']}, {d['samples']} samples"
+                  + ("" if d["current"] else " (made from an older version of the store: stale)"))
     per_node = {n: sum(1 for s in man.shards if n in s.nodes) for n in range(man.nodes)}
     t.add_row("shards per node", ", ".join(f"node-{n:03d}: {c}" for n, c in per_node.items()))
     Console().print(t)

@@ -28,6 +28,7 @@ from nearstore.loader.derived import pipeline_fingerprint
 from nearstore.node.client import NodeClient, NodeRequestError, NodeUnavailableError, node_client
 from nearstore.node.cluster import ClusterSpec
 from nearstore.node.derive import frame
+from nearstore.ops.base import registry
 from nearstore.ops.network import network_ops
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 from nearstore.store.derived import (DerivedExistsError, DerivedManifest, DerivedShard, Fingerprint, JobState,
@@ -104,8 +105,11 @@ class JobResult:
 
 
 def _check_nodes(clients: dict[int, NodeClient], pre: list, net: dict) -> None:
-    """Refuse before any work when a node lacks an op or the engine (its ``capabilities``)."""
+    """Refuse before any work when a node lacks an op of the chain or the engine, or has another version of an
+    op than this process (its outputs would not be what the fingerprint says), naming every such node."""
     ops = [o if isinstance(o, str) else o["op"] for o in pre] + ["network"]
+    here = registry()
+    problems = []
     for node, client in clients.items():
         try:
             caps = client.action("capabilities")
@@ -115,16 +119,24 @@ def _check_nodes(clients: dict[int, NodeClient], pre: list, net: dict) -> None:
             if "unknown action" in str(exc):  # an older node: it validates the ops on the first shard
                 continue
             raise
-        missing = [o for o in ops if o not in caps.get("ops", {})]
+        have = caps.get("ops", {})
+        missing = [o for o in ops if o not in have]
         if missing:
             errs = caps.get("import_errors") or {}
-            raise ConfigError(f"node {node} cannot run this job: it lacks op(s) {', '.join(missing)}"
-                              + (f" (op modules that failed to import there: {errs})" if errs else "")
-                              + "; install them on the node (`node serve --ops-module`) or leave it out")
+            problems.append(f"node {node} lacks op(s) {', '.join(repr(o) for o in missing)}"
+                            + (f" (op modules that failed to import there: {errs})" if errs else ""))
+        other = [f"{o!r} version {have[o].get('version')} (here {here[o].version})" for o in dict.fromkeys(ops)
+                 if o in have and o in here and str(have[o].get("version")) != str(here[o].version)]
+        if other:
+            problems.append(f"node {node} has {', '.join(other)}")
         engines = caps.get("engines")
         if net["engine"] != "auto" and engines is not None and net["engine"] not in engines:
-            raise ConfigError(f"node {node} cannot run engine {net['engine']!r}: it has {', '.join(engines) or 'none'}"
-                              "; choose one it has, or engine='auto'")
+            problems.append(f"node {node} cannot run engine {net['engine']!r} (it has {', '.join(engines) or 'none'}"
+                            "; choose one it has, or engine='auto')")
+    if problems:
+        raise ConfigError("the job cannot run on every node, nothing was started: " + "; ".join(problems)
+                          + ". Install the ops on those nodes (`nearstore node serve --ops-module`, or the "
+                          "package providing them) or leave the nodes out of the cluster")
 
 
 def infer(store: str | Path, cluster: ClusterSpec, *, out: str, arch: str = "resnet50", cut: str = "pooled",
@@ -156,18 +168,18 @@ def infer(store: str | Path, cluster: ClusterSpec, *, out: str, arch: str = "res
     if existing and not overwrite:
         raise DerivedExistsError(f"derived dataset {out!r} exists in {store}; pass overwrite=True (--overwrite) to "
                                  "replace it (atomically: the old one stays until the new one is complete)")
-    state = JobState.load(store, out)
-    if (state is None or state.fingerprint != fp or state.dataset_fingerprint != man.fingerprint
-            or (existing and load_derived(store, out).generation == state.generation)):
-        state = JobState(name=out, generation=secrets.token_hex(6), fingerprint=fp,
-                         dataset_fingerprint=man.fingerprint, overwrite=overwrite)
-        state.save(store)
-    else:
-        log.info("resuming job %s (generation %s): %d of %d shards already done", out, state.generation,
-                 len(state.done), len(man.shards))
     clients = node_clients(cluster, timeout)
     try:
-        _check_nodes(clients, pre, net)
+        _check_nodes(clients, pre, net)  # before anything is written, here or on a node
+        state = JobState.load(store, out)
+        if (state is None or state.fingerprint != fp or state.dataset_fingerprint != man.fingerprint
+                or (existing and load_derived(store, out).generation == state.generation)):
+            state = JobState(name=out, generation=secrets.token_hex(6), fingerprint=fp,
+                             dataset_fingerprint=man.fingerprint, overwrite=overwrite)
+            state.save(store)
+        else:
+            log.info("resuming job %s (generation %s): %d of %d shards already done", out, state.generation,
+                     len(state.done), len(man.shards))
         run = _Run(store, man, clients, state, ops, fp, batch_size=batch_size, seed=seed)
         run.go(per_node, on_progress, progress_every)
         spec = specs[-1]

@@ -5,7 +5,7 @@ yields the network's outputs exactly as a loader running ``pipeline`` would
 (same order, labels, keys, output shape and dtype), read from the derived
 dataset's files on local disk (``store.derived``) instead of computed. The
 pipeline must be what produced them: its ops before the network and the
-network op's architecture, cut, weights, engine and dtype give a
+network op's architecture, cut, weights, engine, dtype and int8 recipe versions give a
 ``Fingerprint``; one that differs from the stored fingerprint is refused with
 every field that differs. ``derived_loader(store, name, pipeline, ...)`` builds
 both in one call.
@@ -23,6 +23,7 @@ import pyarrow as pa
 from nearstore.core.errors import ConfigError, SampleDecodeError, StoreError
 from nearstore.loader.loader import Loader
 from nearstore.store.sources import Fetched
+from nearstore.nets import quant
 from nearstore.nets.archs import weights_digest
 from nearstore.ops.pipeline import Pipeline, input_spec_of
 from nearstore.store.derived import DerivedMismatchError, Fingerprint, load_derived, outputs_of, read_shard_file
@@ -40,7 +41,8 @@ def pipeline_fingerprint(pipeline: Pipeline | list) -> Fingerprint:
                           f"(it ends in {ops[-1]['op'] if ops else 'nothing'})")
     net = ops[-1]
     return Fingerprint(arch=net["arch"], cut=net["cut"], weights=weights_digest(net.get("weights"), net.get("seed", 0)),
-                       engine=net["engine"], dtype=net["dtype"], pipeline=ops[:-1])
+                       engine=net["engine"], dtype=net["dtype"], pipeline=ops[:-1],
+                       quant=quant.recipe(net["engine"], net["dtype"]))
 
 
 class DerivedSource:

@@ -15,10 +15,27 @@ import numpy as np
 
 from nearstore.core.errors import OpParamError
 
-__all__ = ["DTYPES", "TOLERANCE", "encoded_shape", "encode", "decode_q8", "max_rel_error"]
+__all__ = ["DTYPES", "TOLERANCE", "Q8_ROWS_VERSION", "QUANT_VERSION", "recipe", "encoded_shape", "encode",
+           "decode_q8", "max_rel_error"]
 
 DTYPES = ("float32", "float16", "int8")
 _Q8_HEADER = 4
+
+#: versions of the int8 recipes; bump one whenever what it produces changes. A derived dataset's fingerprint
+#: records the ones its outputs depend on (``recipe``), so stored features made by an older recipe are refused.
+Q8_ROWS_VERSION = "1"  # int8 output rows: a float32 scale max|x|/127, then rint(x / scale) clipped to +-127
+QUANT_VERSION = "2"  # the onnxruntime-int8 engine's model: static QDQ, per-channel, reduce_range (nets.runtime)
+
+
+def recipe(engine: str, dtype: str) -> str:
+    """The int8 recipes that outputs of ``engine`` in ``dtype`` depend on ("none" for float engines and
+    outputs)."""
+    parts = []
+    if engine == "onnxruntime-int8":
+        parts.append(f"static-qdq-v{QUANT_VERSION}")
+    if dtype == "int8":
+        parts.append(f"q8-rows-v{Q8_ROWS_VERSION}")
+    return "+".join(parts) or "none"
 
 #: how far an output may be from the same op's output elsewhere (another process, batch or engine), as the
 #: largest absolute difference over the sample's largest magnitude, per (engine, output dtype). fp32: kernels

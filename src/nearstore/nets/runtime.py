@@ -30,13 +30,12 @@ from torch import nn
 
 from nearstore.core.errors import OpParamError
 from nearstore.nets import AUTO_CANDIDATES, ENGINES, engines
+from nearstore.nets import quant
 
 __all__ = ["make_engine", "pick_engine", "cache_dir", "Engine", "onnx_model"]
 
 log = logging.getLogger(__name__)
 
-#: names the int8 recipe in the cache key (a changed recipe must not reuse old files)
-QUANT_VERSION = "2"
 
 class Engine(Protocol):
     name: str
@@ -85,7 +84,8 @@ def _export(module: nn.Module, path: Path, shape: tuple[int, ...], *, optimize: 
 def onnx_model(module: nn.Module, key: str, shape: tuple[int, ...], *, int8: bool = False) -> Path:
     """The cached ONNX file of ``module`` for inputs of ``shape`` (C, H, W) (exported, and quantized when
     ``int8``, on first use; one process at a time per file)."""
-    path = cache_dir() / f"{key}{'-int8-' + QUANT_VERSION if int8 else ''}.onnx"
+    # the int8 recipe's version is in the name: a changed recipe never reuses an old file
+    path = cache_dir() / f"{key}{'-int8-' + quant.QUANT_VERSION if int8 else ''}.onnx"
     if path.exists():
         return path
     with open(str(path) + ".lock", "w") as lock:

@@ -187,7 +187,8 @@ class _Stats:
         self.bad_requests = 0
         self.link_wait_seconds = 0.0
         self.read_seconds = 0.0
-        self.op_seconds: dict[str, float] = {}
+        self.op_seconds: dict[str, float] = {}  # with the emulated slowdown's idle time in them
+        self.slowdown_seconds = 0.0  # of which idle (--slowdown): ops take slowdown x the CPU they used
         self.started = time.time()
 
     def snapshot(self) -> dict:
@@ -272,6 +273,7 @@ class NodeServer(flight.FlightServerBase):
             self.stats.processed += delta["processed"]
             self.stats.read_seconds += delta["read_seconds"]
             self.stats.read_bytes += delta["read_bytes"]
+            self.stats.slowdown_seconds += delta.get("slowdown_seconds", 0.0)
             for k, v in delta["op_seconds"].items():
                 self.stats.op_seconds[k] = self.stats.op_seconds.get(k, 0.0) + v
             for k, v in delta["errors_by_kind"].items():
@@ -512,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate (needs --tls-key)")
     ap.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     ap.add_argument("--slowdown", type=float, default=1.0,
-                    help="emulate a weaker CPU: ops take this many times as long (default 1)")
+                    help="emulate a weaker CPU: ops that used C seconds of CPU take slowdown x C (the worker "
+                         "idles for the rest), whatever else runs on the machine (default 1)")
     ap.add_argument("--allow-shutdown", action="store_true", help="honour the shutdown action")
     ap.add_argument("--metrics-port", type=int, default=None,
                     help="serve Prometheus metrics on this port (0: any free port; default: none)")

@@ -61,15 +61,22 @@ class WorkerCrashedError(NearstoreError, RuntimeError):
 
 
 def _new_delta() -> dict:
-    return {"processed": 0, "read_seconds": 0.0, "read_bytes": 0, "op_seconds": {}, "errors_by_kind": {}}
+    return {"processed": 0, "read_seconds": 0.0, "read_bytes": 0, "op_seconds": {}, "errors_by_kind": {},
+            "slowdown_seconds": 0.0}
 
 
 class NodeWork:
     """What one worker does, the same in a process or a thread: read, verify, transform, encode."""
 
-    def __init__(self, data: str | Path, *, slowdown: float = 1.0, memory_bytes: float | None = None) -> None:
+    def __init__(self, data: str | Path, *, slowdown: float = 1.0, memory_bytes: float | None = None,
+                 cpu_clock: Literal["thread", "process"] = "thread") -> None:
         self.store = Store.node(data)
         self.slowdown = slowdown
+        # what the slowdown scales: the CPU this worker spent on the ops. A process worker runs one task at a
+        # time, so its whole process's CPU is the work's (whatever threads the op libraries use); thread workers
+        # share a process, so each counts its own thread (their torch and ONNX Runtime run one intra-op thread
+        # on it: ``worker_init``)
+        self._cpu = time.process_time if cpu_clock == "process" else time.thread_time
         self.memory_bytes = memory_bytes  # None: what the machine has available when a ticket arrives
         self._pipelines: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
@@ -148,9 +155,10 @@ class NodeWork:
         errors: list = [None] * len(good)
         if good:
             timings: dict[str, float] = {}
+            cpu0 = self._cpu()
             errors = pipe.run_batch([g[2] for g in good], keys=[g[3].key for g in good], seed=seed, epoch=epoch,
                                     stops=[stops[g[0]] for g in good], timings=timings, out=outs)
-            self.slow(timings)
+            delta["slowdown_seconds"] = self.slow(timings, self._cpu() - cpu0)
             for k, v in timings.items():
                 delta["op_seconds"][k] = delta["op_seconds"].get(k, 0.0) + v
         for (pos, sample, _, ref), out, err in zip(good, outs, errors):
@@ -171,13 +179,21 @@ class NodeWork:
         delta["errors_by_kind"][kind] = delta["errors_by_kind"].get(kind, 0) + 1
         return sample, key, label, None, kind, f"node {self.store.node_id}: {exc}", prefix
 
-    def slow(self, timings: dict[str, float]) -> None:
-        """Emulate a weaker node CPU: ops take ``slowdown`` times as long (the extra is idle time)."""
-        if self.slowdown > 1.0 and timings:
-            extra = {k: v * (self.slowdown - 1.0) for k, v in timings.items()}
-            time.sleep(sum(extra.values()))
-            for k, v in extra.items():
-                timings[k] += v
+    def slow(self, timings: dict[str, float], cpu_seconds: float) -> float:
+        """Emulate a CPU ``slowdown`` times weaker: ops that used ``cpu_seconds`` of CPU take
+        ``slowdown x cpu_seconds``; the worker idles for what their measured time (``timings``) falls short of
+        that, and the idle time is added to ``timings`` (in proportion). The emulated node's speed is its
+        own: other processes contending for this machine's cores stretch the ops' measured time, which the
+        idle time absorbs, not their CPU time, which sets the target (a stretch beyond ``slowdown``x shows).
+        Returns the seconds idled."""
+        if self.slowdown <= 1.0 or not timings:
+            return 0.0
+        wall = sum(timings.values())
+        extra = max(self.slowdown * max(cpu_seconds, 0.0) - wall, 0.0)
+        time.sleep(extra)
+        for k, v in timings.items():
+            timings[k] += extra * (v / wall if wall > 0 else 1.0 / len(timings))
+        return extra
 
     def profile(self, ops: list, n: int) -> dict:
         """Run the op chain stage by stage on the first ``n`` samples this node holds, as the node serves them
@@ -202,12 +218,13 @@ class NodeWork:
         for st in pipe.stages:
             t = {st.name: 0.0}
             out: list = [None] * len(cur)
+            cpu0 = self._cpu()
             errors = pipe.run_batch(cur, keys=keys, seed=0, epoch=0, starts=st.start, stops=st.stop, timings=t,
                                     out=out)
             bad = next((e for e in errors if e is not None), None)
             if bad is not None:
                 raise bad
-            self.slow(t)
+            self.slow(t, self._cpu() - cpu0)
             stage_s[st.name] = t[st.name]
             out_bytes[st.name] = float(sum(y.nbytes if hasattr(y, "nbytes") else len(y) for y in out))
             cur = out
@@ -231,7 +248,7 @@ def _init_process(data: str, slowdown: float, out_dir: str, barrier: "threading.
     _BARRIER = barrier
     worker_init()
     load_op_modules(ops_modules)  # the node's op modules (an import error is reported by the server)
-    _WORK = NodeWork(data, slowdown=slowdown)
+    _WORK = NodeWork(data, slowdown=slowdown, cpu_clock="process")
     threading.Thread(target=_watch_parent, args=(out_dir,), daemon=True, name="nearstore-parent-watch").start()
 
 

@@ -82,6 +82,9 @@ class Fingerprint(BaseModel):
     engine: str
     dtype: str
     pipeline: list[Any] = Field(description="the ops before the network, as JSON")
+    # a manifest written before this field existed reads as "none": right for float outputs, and an int8
+    # dataset of unknown recipe is refused rather than trusted
+    quant: str = Field("none", description="the int8 recipes the outputs depend on, versioned (nets.quant.recipe)")
 
     def differences(self, other: "Fingerprint") -> list[str]:
         """``field: stored -> requested`` for every field that differs."""

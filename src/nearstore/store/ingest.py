@@ -194,13 +194,16 @@ def ingest(
     nodes: int = 1,
     replicas: int = 1,
     shard_size: int = 64 << 20,
+    shard_samples: int | None = None,
     name: str | None = None,
     on_error: Literal["raise", "skip"] = "raise",
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
     """Ingest ``src`` into ``store``; see the module docstring for the crash-safety contract.
 
-    ``progress(done, total)`` is called as samples are written.
+    A shard is closed at ``shard_size`` bytes or, when given, at ``shard_samples`` samples, whichever comes
+    first (equal sample counts per shard spread work evenly over nodes). ``progress(done, total)`` is called as
+    samples are written.
     """
     if nodes < 1:
         raise ConfigError(f"nodes must be >= 1 (got {nodes})")
@@ -208,6 +211,8 @@ def ingest(
         raise ConfigError(f"replicas must be in 1..nodes={nodes} (got {replicas}): each replica needs its own node")
     if shard_size < 4096:
         raise ConfigError(f"shard_size must be >= 4096 bytes (got {shard_size})")
+    if shard_samples is not None and shard_samples < 1:
+        raise ConfigError(f"shard_samples must be >= 1 or None (no limit) (got {shard_samples})")
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
     t0 = time.perf_counter()
@@ -266,7 +271,7 @@ def ingest(
             widths += w
             heights += h
             payload += len(data)
-            if writer.bytes_written >= shard_size:
+            if writer.bytes_written >= shard_size or (shard_samples is not None and len(writer) >= shard_samples):
                 close_shard()
             if progress:
                 progress(i + 1, len(items))
