@@ -171,6 +171,7 @@ def test_job_computes_every_sample_once_on_the_replicas(jstore, job, tmp_path):
         assert sh.nodes == entry.nodes and sh.node == entry.nodes[0]  # same replication; first replica owns it
     assert d.shape == [1280] and d.fingerprint.arch == "mobilenet_v2" and d.fingerprint.dtype == "float16"
     assert not state_path(jstore, "emb").exists()
+    assert job.link_bytes == d.file_bytes and job.copies == len(d.shards)  # each file crossed once, to its copy
     from typer.testing import CliRunner
 
     from nearstore.cli.main import app
@@ -411,3 +412,4 @@ def test_node_killed_mid_job_completes_from_replicas(jstore, jcluster, job, ref_
     assert sorted(rows) == sorted(ref_rows)
     _same_outputs(ref_rows, rows)
     assert any(sh.nodes == [0] for sh in res.manifest.shards)  # node 1's copies are missing, not faked
+    assert res.link_bytes < res.manifest.file_bytes  # with no replica to copy to, a file stays on its node

@@ -323,14 +323,15 @@ class _Run:
 
     def _one(self, node: int, shard: int) -> None:
         entry = self.man.shards[shard]
+        with self.cond:
+            others = [n for n in entry.nodes if n != node and n in self.clients and n not in self.down]
         req = {"name": self.state.name, "generation": self.state.generation, "shard": shard, "ops": self.ops,
-               "seed": self.seed, "batch_size": self.batch_size, "fingerprint": self.fp_digest}
+               "seed": self.seed, "batch_size": self.batch_size, "fingerprint": self.fp_digest,
+               "send_file": bool(others)}  # the file crosses the link only to be copied to a replica
         res = self.clients[node].action_raw("derive", json.dumps(req).encode())
         info, raw = json.loads(res[0]), res[1]
         holders = [node]
-        for other in entry.nodes:
-            if other == node or other not in self.clients:
-                continue
+        for other in others:
             with self.cond:
                 if other in self.down:
                     continue

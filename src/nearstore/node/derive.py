@@ -6,7 +6,8 @@ Flight actions (``ACTIONS``; the server dispatches them here):
   shard this node holds, on the node's workers in batches (the same
   ``WorkerPool`` path as a DoGet), write the derived shard file into this node
   directory (temp + fsync + rename) and answer its description, then the file's
-  bytes (the client copies them to the shard's other replicas).
+  bytes (the client copies them to the shard's other replicas; with
+  ``send_file: false``, when there is no other replica, none).
 - ``derived_put``: store a copy of a derived shard file computed elsewhere
   (checked against its crc32c and its schema before it is written).
 - ``derived_sweep``: remove this node's files of a derived dataset except one
@@ -71,6 +72,7 @@ class DeriveRequest(BaseModel):
     seed: int = 0
     batch_size: int = Field(32, ge=1, le=4096)
     fingerprint: str = ""
+    send_file: bool = True  # answer the file's bytes too (the job copies them to the shard's other replicas)
 
 
 class ShardRef(BaseModel):
@@ -200,7 +202,8 @@ def _derive(server: Any, req: DeriveRequest) -> tuple[dict, bytes]:
     log.info("node %s: derived %s shard %s (%d samples, %d errors) in %.2f s", server.node_id, req.name,
              what["shard"], table.num_rows, errors, seconds)
     return ({"node": server.node_id, "index": req.shard, "samples": table.num_rows, "errors": errors,
-             "file_bytes": len(raw), "crc32c": crc32c(raw), "seconds": seconds, **what}, raw)
+             "file_bytes": len(raw), "crc32c": crc32c(raw), "seconds": seconds, **what},
+            raw if req.send_file else b"")  # no replica to copy to: nothing crosses the link
 
 
 def _run(server: Any, ops: list, ids: list[int], seed: int, batch_size: int) -> list[tuple]:
