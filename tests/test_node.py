@@ -356,6 +356,8 @@ def test_slowdown_makes_ops_take_that_many_times_their_cpu_time(store):
         cpu = time.thread_time() - t0
         work.slowdown = 3.0
         _, waits = work.rows(["decode_jpeg", "test_wait_50ms"], ids, 0, 0)
+        # a batch whose CPU time contention inflated (2x) is charged the chain's usual cost per sample
+        charged = [work._charged_cpu("chain", per * 8, 8) for per in (0.010, 0.011, 0.010, 0.012, 0.020)]
     finally:
         work.close()
         unregister("test_wait_50ms")
@@ -363,6 +365,7 @@ def test_slowdown_makes_ops_take_that_many_times_their_cpu_time(store):
     assert 0 < plain["slowdown_seconds"] and sum(plain["op_seconds"].values()) <= 40 * cpu + 1e-3
     # 100 ms of waiting already exceeds 3 x the decodes' CPU: nothing to add (scaling measured time added 200 ms)
     assert waits["slowdown_seconds"] < 0.05 and sum(waits["op_seconds"].values()) >= 2 * 0.05
+    assert charged[0] == pytest.approx(0.08) and charged[-1] == pytest.approx(0.08)
 
 
 def test_killed_node_takes_its_workers_with_it(store):

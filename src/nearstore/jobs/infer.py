@@ -35,7 +35,7 @@ from nearstore.store.derived import (DerivedExistsError, DerivedManifest, Derive
                                      check_name, commit_derived, load_derived, manifest_path)
 from nearstore.store.manifest import Manifest
 
-__all__ = ["JobProgress", "JobResult", "JobError", "infer", "inference_pipeline", "node_clients"]
+__all__ = ["JobProgress", "JobResult", "JobError", "infer", "inference_pipeline", "job_ops", "node_clients"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,13 @@ def inference_pipeline(size: int = 224) -> list[dict | str]:
     ``size``, center crop ``size`` x ``size``, 3xHxW uint8."""
     return ["decode_jpeg", {"op": "resize", "size": round(size * 8 / 7)}, {"op": "center_crop", "size": size},
             "to_uint8_chw"]
+
+
+def job_ops(arch: str, cut: str, *, dtype: str = "float16", engine: str = "pytorch", weights: str | None = None,
+            seed: int = 0, size: int = 224) -> list[dict]:
+    """The op chain a job runs on the nodes: ``inference_pipeline(size)`` then the network op."""
+    net = network_ops(arch, cut, dtype=dtype, engine=engine, weights=weights, seed=seed, hw=(size, size))[0]
+    return [*Pipeline(inference_pipeline(size)).to_json(), net]
 
 
 def node_clients(cluster: ClusterSpec, timeout: float) -> dict[int, NodeClient]:
@@ -159,9 +166,8 @@ def infer(store: str | Path, cluster: ClusterSpec, *, out: str, arch: str = "res
     man = Manifest.load(store)
     if cluster.dataset != man.name:
         raise ConfigError(f"the cluster serves dataset {cluster.dataset!r}, the store at {store} is {man.name!r}")
-    pre = inference_pipeline(size)
-    net = network_ops(arch, cut, dtype=dtype, engine=engine, weights=weights, seed=seed, hw=(size, size))[0]
-    ops = [*Pipeline(pre).to_json(), net]
+    ops = job_ops(arch, cut, dtype=dtype, engine=engine, weights=weights, seed=seed, size=size)
+    pre, net = ops[:-1], ops[-1]
     specs = Pipeline(ops).declare(input_spec_of(man))  # refuses a bad chain here, before any node is asked
     fp = pipeline_fingerprint(ops)
     existing = manifest_path(store, out).exists()

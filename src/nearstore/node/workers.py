@@ -21,6 +21,7 @@ server process (no process hop; a crash takes the node down).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import itertools
 import json
@@ -38,6 +39,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import numpy as np
 import psutil
 import pyarrow as pa
 
@@ -77,6 +79,7 @@ class NodeWork:
         # share a process, so each counts its own thread (their torch and ONNX Runtime run one intra-op thread
         # on it: ``worker_init``)
         self._cpu = time.process_time if cpu_clock == "process" else time.thread_time
+        self._costs: dict[str, collections.deque] = {}  # per op chain: recent batches' CPU seconds per sample
         self.memory_bytes = memory_bytes  # None: what the machine has available when a ticket arrives
         self._pipelines: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
@@ -158,7 +161,9 @@ class NodeWork:
             cpu0 = self._cpu()
             errors = pipe.run_batch([g[2] for g in good], keys=[g[3].key for g in good], seed=seed, epoch=epoch,
                                     stops=[stops[g[0]] for g in good], timings=timings, out=outs)
-            delta["slowdown_seconds"] = self.slow(timings, self._cpu() - cpu0)
+            if self.slowdown > 1.0:
+                cpu = self._charged_cpu(json.dumps([ops, sorted(set(stops))]), self._cpu() - cpu0, len(good))
+                delta["slowdown_seconds"] = self.slow(timings, cpu)
             for k, v in timings.items():
                 delta["op_seconds"][k] = delta["op_seconds"].get(k, 0.0) + v
         for (pos, sample, _, ref), out, err in zip(good, outs, errors):
@@ -178,6 +183,20 @@ class NodeWork:
                prefix: int) -> tuple:
         delta["errors_by_kind"][kind] = delta["errors_by_kind"].get(kind, 0) + 1
         return sample, key, label, None, kind, f"node {self.store.node_id}: {exc}", prefix
+
+    def _charged_cpu(self, chain: str, cpu: float, n: int) -> float:
+        """The CPU seconds the emulated node is charged for ``n`` samples of op chain ``chain`` that used
+        ``cpu`` here: ``n`` x the 25th percentile of the chain's CPU per sample over this worker's last 32
+        batches (this one included). CPU time is inflated by contention too (cores shared with other
+        processes' threads and caches: up to 2x measured on the project's 2-core machine), so a batch's own
+        figure would move the emulated node's speed with the machine's load; a low percentile of recent
+        batches is the chain's cost on a quiet core."""
+        with self._lock:
+            hist = self._costs.setdefault(chain, collections.deque(maxlen=32))
+            hist.append(max(cpu, 0.0) / max(n, 1))
+            if len(self._costs) > 64:
+                self._costs.pop(next(iter(self._costs)))
+            return n * float(np.percentile(np.fromiter(hist, float), 25))
 
     def slow(self, timings: dict[str, float], cpu_seconds: float) -> float:
         """Emulate a CPU ``slowdown`` times weaker: ops that used ``cpu_seconds`` of CPU take
