@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -81,9 +81,10 @@ def _export(module: nn.Module, path: Path, shape: tuple[int, ...], *, optimize: 
             os.unlink(tmp)
 
 
-def onnx_model(module: nn.Module, key: str, shape: tuple[int, ...], *, int8: bool = False) -> Path:
-    """The cached ONNX file of ``module`` for inputs of ``shape`` (C, H, W) (exported, and quantized when
-    ``int8``, on first use; one process at a time per file)."""
+def onnx_model(module: Callable[[], nn.Module], key: str, shape: tuple[int, ...], *, int8: bool = False) -> Path:
+    """The cached ONNX file of the module ``module()`` builds, for inputs of ``shape`` (C, H, W) (exported, and
+    quantized when ``int8``, on first use; one process at a time per file). The module is built only on a
+    miss: a node that finds the file does not build (and seed, and calibrate) the network in torch."""
     # the int8 recipe's version is in the name: a changed recipe never reuses an old file
     path = cache_dir() / f"{key}{'-int8-' + quant.QUANT_VERSION if int8 else ''}.onnx"
     if path.exists():
@@ -95,7 +96,7 @@ def onnx_model(module: nn.Module, key: str, shape: tuple[int, ...], *, int8: boo
                 _quantize(onnx_model(module, key, shape), path, shape)
             else:
                 t0 = time.perf_counter()
-                _export(module, path, shape, optimize=True)
+                _export(module(), path, shape, optimize=True)
                 log.info("exported %s to ONNX in %.1f s", key, time.perf_counter() - t0)
     return path
 
@@ -154,19 +155,20 @@ class OrtEngine:
         return np.ascontiguousarray(self.session.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0])
 
 
-def make_engine(name: str, module: nn.Module, *, key: str, shape: tuple[int, ...]) -> Engine:
-    """Engine ``name`` for ``module`` (``key`` names its cached exports; ``shape``: one input sample's C, H, W)."""
+def make_engine(name: str, module: Callable[[], nn.Module], *, key: str, shape: tuple[int, ...]) -> Engine:
+    """Engine ``name`` for the module ``module()`` builds (``key`` names its cached exports; ``shape``: one input
+    sample's C, H, W)."""
     if name not in ENGINES:
         raise OpParamError(f"unknown engine {name!r}; engines: auto, {', '.join(ENGINES)}")
     if name not in engines():
         raise OpParamError(f"engine {name!r} is not installed here; available: {', '.join(engines())} "
                            "(pip install 'nearstore[nets]' for ONNX Runtime)")
     if name == "pytorch":
-        return TorchEngine(module)
+        return TorchEngine(module())
     return OrtEngine(onnx_model(module, key, shape, int8=name == "onnxruntime-int8"), name)
 
 
-def pick_engine(module: nn.Module, *, key: str, shape: tuple[int, ...], batch: int = 8,
+def pick_engine(module: Callable[[], nn.Module], *, key: str, shape: tuple[int, ...], batch: int = 8,
                 candidates: tuple[str, ...] = AUTO_CANDIDATES, rounds: int = 3) -> tuple[Engine, dict[str, float]]:
     """The fastest of ``candidates`` here, measured on a seeded batch (median of ``rounds`` after a
     warm-up); returns it and every candidate's seconds per batch."""

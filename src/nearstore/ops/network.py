@@ -124,7 +124,13 @@ class Network(Op):
                 from nearstore.nets import models
 
                 p = self.params
-                module = models.build(p.arch, p.cut, weights=p.weights, seed=p.seed, start=p.start)
+                built: list = []
+
+                def module() -> Any:  # built once, and only where an engine needs it (not for a cached export)
+                    if not built:
+                        built.append(models.build(p.arch, p.cut, weights=p.weights, seed=p.seed, start=p.start))
+                    return built[0]
+
                 span = p.cut if p.start == "input" else f"{p.start}-{p.cut}"
                 key = f"{p.arch}-{span}-{'x'.join(map(str, shape))}-{models.weights_digest(p.weights, p.seed)}"
                 if p.engine == "auto":

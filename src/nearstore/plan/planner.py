@@ -99,6 +99,9 @@ class Measurements:
     # calibration run (0 without one)
     node_overhead_s: float = 0.0
     host_overhead_s: float = 0.0
+    # where the run used less CPU than the profiles say (they ran alone, colder): each side's CPU, scaled
+    node_cpu_scale: float = 1.0
+    host_cpu_scale: float = 1.0
     # seconds a training-loop thread that sleeps (the accelerator step) waits to run again: the loader's Python
     # threads hold the GIL; the step effectively lasts step_time + this (from the calibration run)
     wake_s: float = 0.0
@@ -200,10 +203,10 @@ def sites(m: Measurements) -> tuple[list[Site], Site]:
                                                                       macs),
                   input_bytes=m.node_raw_bytes[n], fixed_s=m.node_read_s[n], byte_s=m.send_s_per_byte,
                   link={f"link{n}": 1.0} if m.link_bytes_per_s else {},
-                  also={groups[n]: 1.0 / m.node_slowdown[n]} if groups[n] else {})
+                  also={groups[n]: m.node_cpu_scale / m.node_slowdown[n]} if groups[n] else {})
              for n in range(m.nodes)]
     host = Site(cpu="host_threads", costs=_costs(m.stage_names, m.host_stage_s, m.out_bytes, macs),
-                byte_s=m.recv_s_per_byte, also={host_group: 1.0})
+                byte_s=m.recv_s_per_byte, also={host_group: m.host_cpu_scale})
     return nodes, host
 
 
@@ -221,7 +224,8 @@ def _demands(m: Measurements, i: int) -> dict[str, float]:
     for n, g in enumerate(groups):
         if g:  # reading is not slowed (the site charged it at 1/slowdown), and the overhead the profiles miss
             slow = m.node_slowdown[n]
-            demands[g] += m.node_share[n] * (m.node_read_s[n] * (1.0 - 1.0 / slow) + m.node_overhead_s)
+            demands[g] += m.node_share[n] * (m.node_read_s[n] * m.node_cpu_scale * (1.0 - 1.0 / slow)
+                                             + m.node_overhead_s)
     demands[host_group] = demands.get(host_group, 0.0) + m.host_overhead_s
     return demands
 
@@ -398,6 +402,8 @@ def _run_loader(spec, pipeline: Pipeline, m: Measurements, k: int, loader: Calla
                         break
             stop.set()
             wall = time.perf_counter() - w0
+            # CPU over the window itself: read-ahead makes a short run's samples/s optimistic, CPU busy is not
+            h1, mid = time.process_time(), [c.stats() for c in clients]
             ld.close()  # let batches in flight finish, so the CPU counted matches the samples counted
             host_cpu = time.process_time() - h0
             after = _settled_stats(clients)
@@ -412,9 +418,9 @@ def _run_loader(spec, pipeline: Pipeline, m: Measurements, k: int, loader: Calla
             prober.join()
         for c in clients:
             c.close()
-    return {"node_cpu_s": node_cpu / processed, "host_cpu_s": host_cpu / built,
-            "busy_cores": (node_cpu + host_cpu) / wall, "samples_per_s": seen / wall,
-            "wake_s": float(np.mean(lags or [0.0]))}
+    node_busy = [(a["cpu_seconds"] - b["cpu_seconds"]) / wall for a, b in zip(mid, before)]
+    return {"node_cpu_s": node_cpu / processed, "host_cpu_s": host_cpu / built, "node_busy": node_busy,
+            "host_busy": (h1 - h0) / wall, "samples_per_s": seen / wall, "wake_s": float(np.mean(lags or [0.0]))}
 
 
 def _settled_stats(clients: list, timeout: float = 2.0) -> list[dict]:
@@ -435,10 +441,9 @@ def calibrate(spec, pipeline: Pipeline, m: Measurements, loader: Callable[..., A
 
     The CPU it used per sample beyond what the profiles account for
     (``modeled_cpu``) becomes each side's per-sample overhead at every split
-    (gRPC, Arrow, Python per row: costs per sample, not per stage). A residue
-    below zero (the profiles ran slower alone than the stages run in the
-    loader) is kept, down to half the modeled CPU. The accelerator's wake-up
-    lag comes from the same run.
+    (gRPC, Arrow, Python per row: costs per sample, not per stage); less CPU
+    than the profiles say scales that side's profiled CPU (``fit``). The
+    accelerator's wake-up lag comes from the same run.
     """
     preds = predict(m)
     k, _ = choose(preds, noise=m.noise)
@@ -448,26 +453,40 @@ def calibrate(spec, pipeline: Pipeline, m: Measurements, loader: Callable[..., A
     m.calibration["seconds"] = time.perf_counter() - t0
 
 
+def _residue(measured: float, modeled: float) -> tuple[float, float]:
+    """(overhead per sample, scale): CPU beyond the profiles is a per-sample overhead; CPU below them (they
+    ran alone and colder) scales that side's profiled CPU, by at most one half."""
+    if measured >= modeled or modeled <= 0:
+        return max(measured - modeled, 0.0), 1.0
+    return 0.0, max(0.5, measured / modeled)
+
+
 def fit(m: Measurements, k: int, run: dict) -> None:
-    """Fold one loader run at split ``k`` into ``m`` (``run``: ``node_cpu_s`` and ``host_cpu_s`` per sample,
-    ``samples_per_s``, ``busy_cores``, ``wake_s``): each side's overhead, the wake-up lag and, where the run
-    was bound by a CPU set, the cores that set gave. Pure: tested over recorded runs."""
+    """Fold one loader run at split ``k`` into ``m`` (``run``: ``node_cpu_s`` and ``host_cpu_s`` per sample;
+    ``node_busy`` per node and ``host_busy``, cores each kept busy over the run; ``samples_per_s``;
+    ``wake_s``): each side's overhead, the wake-up lag and, where the run was bound by a CPU set, the cores
+    that set really gave (its processes' busy cores). Pure: tested over recorded runs."""
     node_model, host_model = modeled_cpu(m, k)
-    m.node_overhead_s = max(run["node_cpu_s"] - node_model, -0.5 * node_model)
-    m.host_overhead_s = max(run["host_cpu_s"] - host_model, -0.5 * host_model)
+    m.node_overhead_s, m.node_cpu_scale = _residue(run["node_cpu_s"], node_model)
+    m.host_overhead_s, m.host_cpu_scale = _residue(run["host_cpu_s"], host_model)
     m.wake_s = run["wake_s"]
     m.cpu_rates = {}
     at_k = next(p for p in predict(replace(m, step_time=None)) if p.split == k)  # the run had no step
     cores = cpu_sets(m)[2]
-    if at_k.bottleneck in cores and run["samples_per_s"] > 0:  # CPU-bound: the cores that set really gave
-        m.cpu_rates[at_k.bottleneck] = run["samples_per_s"] * _demands(m, m.index(k))[at_k.bottleneck]
+    groups, host_group, _ = cpu_sets(m)
+    if at_k.bottleneck in cores:  # CPU-bound: the cores that set really gave
+        busy = sum(b for g, b in zip(groups, run["node_busy"]) if g == at_k.bottleneck)
+        busy += run["host_busy"] if at_k.bottleneck == host_group else 0.0
+        if busy > 0:
+            m.cpu_rates[at_k.bottleneck] = min(busy, cores[at_k.bottleneck] / m.core_efficiency)
     m.calibration = {"runs": 1, "split": k,
                      "why": (f"split {k} is the profiles' best prediction: one loader run there measures the CPU per "
                              "sample that per-stage profiles miss (gRPC, Arrow, Python per row), applied to every "
                              "split"),
                      "node_cpu_s": run["node_cpu_s"], "node_modeled_s": node_model,
                      "host_cpu_s": run["host_cpu_s"], "host_modeled_s": host_model,
-                     "busy_cores": run["busy_cores"], "samples_per_s": run["samples_per_s"],
+                     "node_busy": run["node_busy"], "host_busy": run["host_busy"],
+                     "samples_per_s": run["samples_per_s"],
                      "bound_by": at_k.bottleneck, "cpu_rates": dict(m.cpu_rates)}
 
 
