@@ -274,6 +274,9 @@ CUT_PIPELINES = {
     **{f"{arch} to {cut}": (lambda a=arch, c=cut: Pipeline([*_CROP, *network_ops(a, c, dtype="float16")]))
        for arch in ARCHS for cut in CUTS},
     "resnet50 to layer3, int8": lambda: Pipeline([*_CROP, *network_ops("resnet50", "layer3", dtype="int8")]),
+    **{f"{arch} in segments": (lambda a=arch: Pipeline([*_CROP, *network_ops(a, "pooled", dtype="float16",
+                                                                            segments=("layer1", "layer3"))]))
+       for arch in ARCHS},
 }
 
 

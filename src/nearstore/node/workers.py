@@ -216,7 +216,9 @@ class NodeWork:
 
     def profile(self, ops: list, n: int) -> dict:
         """Run the op chain stage by stage on the first ``n`` samples this node holds, as the node serves them
-        (a batched stage, such as a network, on all ``n`` at once): seconds per sample and bytes out per stage.
+        (a batched stage, such as a network, on all ``n`` at once): seconds per sample (wall, an emulated
+        slowdown included, and the stage's own CPU, which other work on the machine does not inflate) and bytes
+        out per stage.
 
         One untimed pass over two samples first: it builds what ops build on first use (a network's engine),
         which a long-running node pays once, not per sample.
@@ -225,6 +227,7 @@ class NodeWork:
         man = self.store.manifest
         ids = [s.first + j for i, s in enumerate(man.shards) if self.store.holds(i) for j in range(s.samples)][:n]
         stage_s = {st.name: 0.0 for st in pipe.stages}
+        cpu_s = {st.name: 0.0 for st in pipe.stages}
         out_bytes = {st.name: 0.0 for st in pipe.stages}
         t0 = time.perf_counter()
         read = [self.store.read(sid) for sid in ids]
@@ -238,8 +241,10 @@ class NodeWork:
             t = {st.name: 0.0}
             out: list = [None] * len(cur)
             cpu0 = self._cpu()
+            c0 = time.thread_time()  # the stage's own CPU (ops run in this thread, one intra-op thread each)
             errors = pipe.run_batch(cur, keys=keys, seed=0, epoch=0, starts=st.start, stops=st.stop, timings=t,
                                     out=out)
+            cpu_s[st.name] = time.thread_time() - c0
             bad = next((e for e in errors if e is not None), None)
             if bad is not None:
                 raise bad
@@ -250,7 +255,8 @@ class NodeWork:
         k = max(len(ids), 1)
         return {"node": self.store.node_id, "samples": len(ids), "read_seconds": read_s / k, "raw_bytes": raw / k,
                 "stages": [{"name": st.name, "start": st.start, "stop": st.stop, "seconds": stage_s[st.name] / k,
-                            "out_bytes": out_bytes[st.name] / k} for st in pipe.stages]}
+                            "cpu_seconds": cpu_s[st.name] / k, "out_bytes": out_bytes[st.name] / k}
+                           for st in pipe.stages]}
 
     def close(self) -> None:
         self.store.close()

@@ -82,7 +82,7 @@ class Measurements:
     node_share: list[float]  # fraction of the samples each node serves (its primary shards)
     node_raw_bytes: list[float]  # mean stored bytes of each node's samples
     node_read_s: list[float]  # seconds per sample to read and verify, per node
-    node_stage_s: list[list[float]]  # per node, per stage (wall seconds alone, an emulated slowdown included)
+    node_stage_s: list[list[float]]  # per node, per stage: CPU seconds x its slowdown (how long its thread is busy)
     node_slowdown: list[float]  # emulated weaker CPUs: that factor of the node's op time is idle, not CPU
     host_stage_s: list[float]
     out_bytes: list[float]  # bytes per sample after each stage
@@ -335,18 +335,18 @@ def core_efficiency(cpus: int, *, reps: int = 4) -> float:
 
 
 def _stage_seconds(pipeline: Pipeline, xs: list, keys: list[str]) -> list[float]:
-    """Seconds per sample of each stage run over ``xs`` as a loader's worker runs a batch (a batched stage,
-    such as a network, on all of them at once); a sample that fails is an error: profiles need every one."""
+    """CPU seconds per sample of each stage run over ``xs`` as a loader's worker runs a batch (a batched
+    stage, such as a network, on all of them at once, in this thread: one intra-op thread, as the loader's
+    workers run it); a sample that fails is an error: profiles need every one."""
     cur, acc = list(xs), []
     for st in pipeline.stages:
-        t = {st.name: 0.0}
         out: list = [None] * len(cur)
-        errors = pipeline.run_batch(cur, keys=keys, seed=0, epoch=0, starts=st.start, stops=st.stop, timings=t,
-                                    out=out)
+        c0 = time.thread_time()  # CPU, not wall: other work on the machine does not inflate it
+        errors = pipeline.run_batch(cur, keys=keys, seed=0, epoch=0, starts=st.start, stops=st.stop, out=out)
+        acc.append((time.thread_time() - c0) / max(len(cur), 1))
         bad = next((e for e in errors if e is not None), None)
         if bad is not None:
             raise ConfigError(f"the planner could not profile stage {st.name} on this host: {bad}")
-        acc.append(t[st.name] / max(len(cur), 1))
         cur = out
     return acc
 
@@ -491,21 +491,26 @@ def fit(m: Measurements, k: int, run: dict) -> None:
 
 
 def _profile_nodes(clients: list, ops: list, samples: int, rounds: int) -> tuple[list[dict], float]:
-    """Per-node profiles, each node alone (median of ``rounds``), and their spread: the median relative
-    range of a node's total stage seconds over the rounds (0 for one round)."""
+    """Per-node profiles, all nodes at once as they serve (median of ``rounds``), and their spread: the median
+    relative range of a node's total stage CPU seconds over the rounds (0 for one round).
+
+    A stage's seconds are its CPU time times the node's slowdown (an emulated weaker CPU: the node's thread
+    is busy that long, its CPU for the CPU time): CPU time, unlike wall time, is not inflated by other
+    processes on the same cores, and nodes that share a CPU set profile sharing it (caches included)."""
     runs: list[list[dict]] = [[] for _ in clients]
-    for _ in range(rounds):
-        for i, c in enumerate(clients):
-            runs[i].append(c.profile(ops, n=samples))
+    with ThreadPoolExecutor(max(len(clients), 1)) as pool:
+        for _ in range(rounds):
+            for i, prof in enumerate(pool.map(lambda c: c.profile(ops, n=samples), clients)):
+                runs[i].append(prof)
     profiles = []
     spread = []
     for rs in runs:
         out = dict(rs[0])
         out["read_seconds"] = float(np.median([r["read_seconds"] for r in rs]))
-        out["stages"] = [dict(st, seconds=float(np.median([r["stages"][i]["seconds"] for r in rs])))
+        out["stages"] = [dict(st, cpu_seconds=float(np.median([r["stages"][i]["cpu_seconds"] for r in rs])))
                          for i, st in enumerate(rs[0]["stages"])]
         profiles.append(out)
-        totals = [sum(st["seconds"] for st in r["stages"]) for r in rs]
+        totals = [sum(st["cpu_seconds"] for st in r["stages"]) for r in rs]
         spread.append(float(np.ptp(totals) / max(np.mean(totals), 1e-12)))
     return profiles, float(np.median(spread))
 
@@ -558,7 +563,8 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
         raise ConfigError("the planner could not fetch any sample to profile the host with")
     stages = pipeline.stages
     order = list(src_nodes)
-    node_s = [[p["stages"][i]["seconds"] for i in range(len(stages))] for p in profiles]
+    slowdown = [float(h.get("slowdown", 1.0)) for h in health]
+    node_s = [[p["stages"][i]["cpu_seconds"] * slow for i in range(len(stages))] for p, slow in zip(profiles, slowdown)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(1, initializer=worker_init) as pool:  # a thread set up as the loader's workers are
         host_s = pool.submit(_host_stage_seconds, pipeline, raw, rounds).result()
@@ -583,7 +589,7 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
         node_share=[samples_by[n] / man.num_samples for n in order],
         node_raw_bytes=[bytes_by[n] / max(samples_by[n], 1) for n in order],
         node_read_s=[p["read_seconds"] for p in profiles], node_stage_s=node_s,
-        node_slowdown=[float(h.get("slowdown", 1.0)) for h in health],
+        node_slowdown=slowdown,
         host_stage_s=host_s, send_s_per_byte=send, recv_s_per_byte=recv,
         host_cpus=host_cpus, node_cpus=node_cpus, core_efficiency=core_efficiency(len(host_cpus)),
         noise=spread, step_time=step_time, batch_size=batch_size, samples_per_epoch=man.num_samples,
