@@ -86,62 +86,84 @@ def integrity(store: Path, work: Path, flips: int) -> dict:
     return out
 
 
-def hung_node(store: Path, *, step_s: float, batch_size: int = 16) -> dict:
-    """One clean epoch, then the same epoch with node 0 and its workers SIGSTOPped mid-epoch (SIGCONT after)."""
+def hung_node(store: Path, *, step_s: float, batch_size: int = 16, early: bool = False) -> dict:
+    """One clean epoch, then the same epoch with node 0 and its workers SIGSTOPped mid-epoch (SIGCONT after).
+
+    ``early``: the faulty epoch is a fresh cluster and loader's first, stopped after its first batch (the deadlines then
+    know only the first answers). The figure: the worst extra stall, i.e. the longest wait for a batch after
+    the SIGSTOP minus the clean epoch's median wait, against max(1 s, 3x the median batch time), a batch's
+    time being what the training loop sees per batch (the wait plus the step).
+    """
     out: dict = {}
-    with LocalCluster(store) as c:
-        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=batch_size, seed=5) as ld:
-            ld.source.retry_after = 0.5
 
-            def timed(hook=None) -> tuple[list, list[float]]:  # noqa: ANN001
-                digests, waits, t = [], [], time.perf_counter()
-                for i, b in enumerate(ld):
-                    waits.append(time.perf_counter() - t)
-                    h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes())
-                    h.update(b.labels.tobytes())
-                    digests.append((list(b.keys), h.hexdigest()))
-                    if hook:
-                        hook(i)
-                    time.sleep(step_s)  # a training step
-                    t = time.perf_counter()
-                return digests, waits
+    def timed(ld: Loader, hook=None) -> tuple[list, list[float]]:  # noqa: ANN001
+        digests, waits, t = [], [], time.perf_counter()
+        for i, b in enumerate(ld):
+            waits.append(time.perf_counter() - t)
+            h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes())
+            h.update(b.labels.tobytes())
+            digests.append((list(b.keys), h.hexdigest()))
+            if hook:
+                hook(i)
+            time.sleep(step_s)  # a training step
+            t = time.perf_counter()
+        return digests, waits
 
-            clean, clean_waits = timed()
-            stopped: list[int] = []
+    def faulty_epoch(c: LocalCluster, ld: Loader, stop_at: int) -> tuple[list, list[float], dict, list[int]]:
+        stopped: list[int] = []
 
-            def stop(i: int) -> None:
-                if i == len(clean) // 3:
-                    p = psutil.Process(c.procs[0].pid)
-                    stopped.extend([p.pid] + [x.pid for x in p.children(recursive=True)])
-                    for pid in stopped:
-                        os.kill(pid, signal.SIGSTOP)
-
-            ld.epoch = 0
-            try:
-                faulty, waits = timed(stop)
-            finally:
+        def stop(i: int) -> None:
+            if i == stop_at:
+                p = psutil.Process(c.procs[0].pid)
+                stopped.extend([p.pid] + [x.pid for x in p.children(recursive=True)])
                 for pid in stopped:
-                    os.kill(pid, signal.SIGCONT)
-            stats = ld.source.stats()
-            t0 = time.monotonic()
-            while ld.source.stats()["slow"] and time.monotonic() - t0 < 30:
-                time.sleep(0.1)
-            out["slow_cleared_after_cont_s"] = time.monotonic() - t0
-            sent = ld.source.wire_by_node[0]
-            ld.epoch = 0
-            again, _ = timed()
-            out["node_used_again"] = ld.source.wire_by_node[0] > sent and again == clean
+                    os.kill(pid, signal.SIGSTOP)
+
+        ld.source.retry_after = 0.5
+        ld.epoch = 0
+        try:
+            faulty, waits = timed(ld, stop)
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        stats = ld.source.stats()
+        t0 = time.monotonic()
+        while ld.source.stats()["slow"] and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+        out["slow_cleared_after_cont_s"] = time.monotonic() - t0
+        sent = ld.source.wire_by_node[0]
+        ld.epoch = 0
+        again, _ = timed(ld)
+        out["node_used_again"] = ld.source.wire_by_node[0] > sent and again == clean
+        return faulty, waits, stats, stopped
+
+    kw = dict(pipeline=PIPE, split="node", batch_size=batch_size, seed=5)
+    with LocalCluster(store) as c, Loader(cluster=c, **kw) as ld:
+        clean, clean_waits = timed(ld)
+        stop_at = 0 if early else len(clean) // 3
+        if not early:
+            faulty, waits, stats, stopped = faulty_epoch(c, ld, stop_at)
+    if early:  # a fresh cluster and loader: node 0 stops right after the first batch
+        with LocalCluster(store) as c, Loader(cluster=c, **kw) as ld:
+            faulty, waits, stats, stopped = faulty_epoch(c, ld, stop_at)
     keys = [k for ks, _ in faulty for k in ks]
     expected = [k for ks, _ in clean for k in ks]
-    median = float(np.median(clean_waits))
-    stall = max(waits) - median
-    out.update({"samples": len(expected), "delivered": len(keys), "lost": len(set(expected) - set(keys)),
+    median_wait = float(np.median(clean_waits))
+    median_batch = median_wait + step_s
+    after = waits[stop_at + 1:]  # the batches the SIGSTOP could hold
+    stall = max(after) - median_wait
+    bound = max(1.0, 3 * median_batch)
+    out.update({"early": early, "step_s": step_s, "stopped_after_batch": stop_at,
+                "samples": len(expected), "delivered": len(keys), "lost": len(set(expected) - set(keys)),
                 "duplicates": len(keys) - len(set(keys)), "bit_identical": faulty == clean,
                 "processes_stopped": len(stopped), "hedges": len(stats["hedges"]),
                 "hedges_won_by_replica": sum(1 for h in stats["hedges"] if h.get("won") == "hedge"),
                 "hedge_after_s": [round(h["after_s"], 3) for h in stats["hedges"]],
-                "extra_stall_s": stall, "median_batch_s": median, "bound_s": max(1.0, 3 * median),
-                "within_bound": stall <= max(1.0, 3 * median)})
+                "deadlines_at_end_s": {"latency": stats["hedge_after_s"], "silence": stats["hedge_silence_s"]},
+                "extra_stall_s": stall, "stalled_batch": stop_at + 1 + int(np.argmax(after)),
+                "median_wait_s": median_wait, "median_batch_s": median_batch, "bound_s": bound,
+                "within_bound": stall <= bound,
+                "waits_s": [round(w, 4) for w in waits], "clean_waits_s": [round(w, 4) for w in clean_waits]})
     return out
 
 
@@ -330,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if "hung" in only:
             log("hung node: SIGSTOP a node and its workers mid-epoch")
-            res["hung_node"] = [hung_node(store, step_s=step) for step in ((0.05,) if q else (0.0, 0.05, 0.2))]
+            runs = [(0.05, False), (0.05, True)] if q else [(0.0, False), (0.05, False), (0.2, False), (0.05, True)]
+            res["hung_node"] = [hung_node(store, step_s=step, early=early) for step, early in runs]
             for r in res["hung_node"]:
-                log(f"  extra stall {r['extra_stall_s']:.2f} s (bound {r['bound_s']:.2f}), lost {r['lost']}, dup "
+                log(f"  step {r['step_s']} s{' early' if r['early'] else ''}: extra stall {r['extra_stall_s']:.2f} s "
+                    f"(bound {r['bound_s']:.2f}), lost {r['lost']}, dup "
                     f"{r['duplicates']}, identical {r['bit_identical']}, hedges {r['hedges']}, used again "
                     f"{r['node_used_again']}")
 

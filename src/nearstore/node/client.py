@@ -97,33 +97,79 @@ class Cancel:
                 self._reader.cancel()
 
 
-class Latencies:
-    """How long recent requests took; the hedge deadline is a high percentile of them times a factor.
+_RECHECK_S = 0.1  # how often a waiting batch looks at its hedge deadlines again
 
-    ``deadline()``: ``max(floor, factor x percentile)`` over the last ``window`` requests, or
-    ``initial`` until ``warmup`` requests were seen (the first requests also pay node start-up).
+
+class Latencies:
+    """How long recent requests took, and how long a busy node went between answers: the hedge deadlines.
+
+    Two clocks, either one hedges a request (``due``):
+
+    - *latency*: the request has run ``max(floor, factor x percentile)`` of recent request latencies
+      (``deadline()``), counted from when it was sent. Catches a node that answers others but not this one.
+    - *silence*: its node has sent nothing (no record batch, to any request) for ``max(floor, factor x
+      percentile)`` of recent *gaps* (``silence()``), counted from the later of when the request was sent and
+      the node's last progress. A gap is the time from the later of a request's sending and the node's previous
+      progress to its next (``progress()``): a node working through a queue of prefetched requests makes
+      progress every gap even though each request waited for the ones before it, so a hung node is found after
+      a couple of gaps, not after a couple of whole queued latencies.
+
+    Until ``warmup`` values are known, each deadline is ``factor x`` the largest value seen so far (the first
+    answers of every node, start-up costs included), and ``initial`` until the first one. The silence deadline
+    is never above ``cap``: a node silent that long is hedged however slow the cluster has been (a spurious
+    hedge costs a replica some work and is undone by the prober; a missed one stalls training). The latency
+    deadline has no cap: on a slow link every request may take longer, while record batches keep arriving.
     """
 
     def __init__(self, *, percentile: float = 95.0, factor: float = 2.0, floor: float = 0.25,
-                 initial: float = 5.0, window: int = 128, warmup: int = 8) -> None:
-        if not 50.0 <= percentile <= 100.0 or factor < 1.0 or floor <= 0 or initial <= 0:
-            raise ConfigError("hedging: percentile must be in 50..100, factor >= 1, floor and initial > 0 "
-                              f"(got {percentile}, {factor}, {floor}, {initial})")
-        self.percentile, self.factor, self.floor, self.initial = percentile, factor, floor, initial
+                 initial: float = 1.0, cap: float = 2.0, window: int = 128, warmup: int = 8) -> None:
+        if not 50.0 <= percentile <= 100.0 or factor < 1.0 or floor <= 0 or initial <= 0 or cap < floor:
+            raise ConfigError("hedging: percentile must be in 50..100, factor >= 1, floor and initial > 0, "
+                              f"cap >= floor (got percentile {percentile}, factor {factor}, floor {floor}, "
+                              f"initial {initial}, cap {cap})")
+        self.percentile, self.factor, self.floor, self.initial, self.cap = percentile, factor, floor, initial, cap
         self.warmup = warmup
         self._seen: deque[float] = deque(maxlen=window)
+        self._gaps: deque[float] = deque(maxlen=window)
+        self._last: dict[int, float] = {}  # node -> monotonic time of its last progress
         self._lock = threading.Lock()
 
     def add(self, seconds: float) -> None:
+        """A request was answered in full ``seconds`` after it was sent."""
         with self._lock:
             self._seen.append(seconds)
 
+    def progress(self, node: int, sent: float, now: float | None = None) -> None:
+        """``node`` sent part of an answer (a record batch) to a request sent at ``sent`` (monotonic): the gap
+        since its previous progress, or since ``sent`` if it had none since, is learned."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            last = self._last.get(node, sent)
+            self._gaps.append(max(0.0, now - max(sent, last)))
+            self._last[node] = max(now, last)
+
+    def _of(self, values: deque, cap: float = float("inf")) -> float:
+        if not values:
+            v = self.initial
+        elif len(values) < self.warmup:
+            v = self.factor * max(values)
+        else:
+            v = self.factor * float(np.percentile(np.fromiter(values, float), self.percentile))
+        return min(cap, max(self.floor, v))
+
     def deadline(self) -> float:
         with self._lock:
-            if len(self._seen) < self.warmup:
-                return max(self.floor, self.initial)
-            p = float(np.percentile(np.fromiter(self._seen, float), self.percentile))
-        return max(self.floor, self.factor * p)
+            return self._of(self._seen)
+
+    def silence(self) -> float:
+        with self._lock:
+            return self._of(self._gaps, self.cap)
+
+    def due(self, node: int, sent: float) -> float:
+        """When a request sent to ``node`` at ``sent`` (monotonic) is hedged if still unanswered."""
+        with self._lock:
+            quiet_since = max(sent, self._last.get(node, sent))  # the node's last progress, if after ``sent``
+            return min(sent + self._of(self._seen), quiet_since + self._of(self._gaps, self.cap))
 
 
 @dataclass(eq=False)
@@ -154,7 +200,7 @@ class _Race:
     """
 
     primary: _Attempt
-    deadline: float
+    hedge: bool  # whether it may be hedged at all (``ClusterSource(hedge=False)``: never)
     hedges: list[_Attempt] = field(default_factory=list)
     hedged: bool = False
     primary_failed: bool = False
@@ -509,12 +555,24 @@ class ClusterSource:
     # -- hedged requests ------------------------------------------------------------------
     def _attempt(self, node: int, positions: list[int], ids: np.ndarray, epoch: int, seed: int) -> _Attempt:
         cancel = Cancel()
-        fut = self._io.submit(self._get, node, [int(ids[p]) for p in positions], epoch, seed, cancel)
-        return _Attempt(node, positions, fut, cancel, time.monotonic())
+        started = time.monotonic()
+        fut = self._io.submit(self._get, node, [int(ids[p]) for p in positions], epoch, seed, cancel, started)
+        fut.add_done_callback(lambda f: self._answered(f, cancel, started))
+        return _Attempt(node, positions, fut, cancel, started)
+
+    def _answered(self, fut: Future, cancel: Cancel, sent: float) -> None:
+        """A complete answer's latency, as it arrives (each message it took was the node's progress, noted as
+        it came). The loser of a race never counts: a hung node's answers after it resumes would teach the
+        deadlines the length of the hang."""
+        if not fut.cancelled() and not cancel.cancelled and fut.exception() is None:
+            self.latencies.add(time.monotonic() - sent)
 
     def _race(self, node: int, positions: list[int], ids: np.ndarray, epoch: int, seed: int) -> _Race:
-        a = self._attempt(node, positions, ids, epoch, seed)
-        return _Race(a, a.started + self.latencies.deadline() if self.hedge else float("inf"))
+        return _Race(self._attempt(node, positions, ids, epoch, seed), self.hedge)
+
+    def _due(self, r: _Race) -> float:
+        """When ``r`` is hedged if its primary has not answered (live: earlier answers move it)."""
+        return self.latencies.due(r.primary.node, r.primary.started) if r.hedge else float("inf")
 
     def _hedge(self, race: _Race, shards: list[int], tried: dict, ids: np.ndarray, epoch: int, seed: int) -> None:
         """Ask other replicas for every sample of ``race``; the node it waits on is marked slow."""
@@ -545,7 +603,7 @@ class ClusterSource:
             while running:
                 now = time.monotonic()
                 for r in running:
-                    if not r.hedged and now >= r.deadline and not r.primary.future.done():
+                    if not r.hedged and now >= self._due(r) and not r.primary.future.done():
                         self._hedge(r, shards, tried, ids, epoch, seed)
                 still = []
                 for r in running:
@@ -558,8 +616,10 @@ class ClusterSource:
                 if not running:
                     break
                 live = [a.future for r in running for a in (r.primary, *r.hedges) if not a.future.done()]
-                waits = [r.deadline - time.monotonic() for r in running if not r.hedged]
-                wait(live, timeout=max(0.0, min(waits)) if waits else None, return_when=FIRST_COMPLETED)
+                waits = [self._due(r) - time.monotonic() for r in running if not r.hedged and r.hedge]
+                # at most _RECHECK_S: answers to other batches' requests (other threads) move the deadlines
+                wait(live, timeout=min(_RECHECK_S, max(0.0, min(waits))) if waits else None,
+                     return_when=FIRST_COMPLETED)
         except BaseException:
             for r in running:
                 for a in (r.primary, *r.hedges):
@@ -571,7 +631,6 @@ class ClusterSource:
         """The race's result once it is decided, else None; raises a request error that is not 'down'."""
         state, value = r.primary.outcome()
         if state == "ok":
-            self.latencies.add(time.monotonic() - r.primary.started)
             for h in r.hedges:
                 h.cancel.cancel()
             self._note_hedge(r, "primary")
@@ -587,8 +646,6 @@ class ClusterSource:
         if r.hedges and not r.hedge_failed:
             outs = [h.outcome() for h in r.hedges]
             if all(o[0] == "ok" for o in outs):
-                for h in r.hedges:
-                    self.latencies.add(time.monotonic() - h.started)
                 r.primary.cancel.cancel()
                 self._note_hedge(r, "hedge")
                 return [(h.node, h.positions, o[1]) for h, o in zip(r.hedges, outs)]
@@ -686,10 +743,16 @@ class ClusterSource:
                               f"({sorted(valid)})")
         return got
 
-    def _get(self, node: int, samples: list[int], epoch: int, seed: int, cancel: Cancel | None = None) -> list[Row]:
+    def _get(self, node: int, samples: list[int], epoch: int, seed: int, cancel: Cancel | None = None,
+             sent: float | None = None) -> list[Row]:
         t = Ticket(dataset=self.manifest.name, samples=samples, ops=self._ops, seed=seed, epoch=epoch,
                    batch_size=min(len(samples), self._rows_per_message), prefixes=self._prefixes(samples))
-        batches, _ = self.clients[node].get(t, on_message=lambda n: self._count(node, n), cancel=cancel)
+        def on_message(n: int) -> None:
+            self._count(node, n)
+            if sent is not None and not (cancel is not None and cancel.cancelled):  # a race's loser never counts
+                self.latencies.progress(node, sent)
+
+        batches, _ = self.clients[node].get(t, on_message=on_message, cancel=cancel)
         rows = [r for b in batches for r in decode_rows(b)]
         with self._lock:
             self.payload_bytes += sum(r.nbytes for r in rows)
@@ -715,7 +778,7 @@ class ClusterSource:
                     "rejoined": list(self.rejoined), "down": {n: why for n, (_, why) in self._down.items()},
                     "hedges": [dict(e) for e in self.hedges], "slow": sorted(self._slow),
                     "placements": list(self.placements),
-                    "hedge_after_s": self.latencies.deadline()}
+                    "hedge_after_s": self.latencies.deadline(), "hedge_silence_s": self.latencies.silence()}
 
     def close(self) -> None:
         self._closed.set()
