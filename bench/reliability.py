@@ -26,15 +26,14 @@ from nearstore import Loader, standard_train
 import hashlib
 import os
 import signal
-import threading
 
 import numpy as np
 import psutil
 
 from nearstore.bench.faults import (batch_digests, chaos_run, copy_store, failover_run, flip_bytes, fuzz_readers,
-                                    fuzz_tickets, ingest_kill_loop, load_run, scrub_found_every_flip)
+                                    fuzz_tickets, ingest_kill_loop, load_run, rebalance_while_reading,
+                                    scrub_found_every_flip)
 from nearstore.core.checksum import crc32c
-from nearstore.store.rebalance import rebalance
 from nearstore.store.scrub import scrub
 from nearstore.node import LocalCluster
 from nearstore.store import Store
@@ -191,55 +190,9 @@ def rebalance_figure(src: Path, work: Path, *, step_s: float) -> dict:
     """3 -> 4 -> 2 nodes while a loader reads epoch after epoch; every epoch checked against local reads."""
     store = work / "rebal"
     ingest(src, store, nodes=3, replicas=2, shard_size=512 << 10)
-    with Loader(store=store, pipeline=PIPE, batch_size=16, seed=2) as ld:
-        per_epoch = len(ld)
-    epochs: list[list] = []
-    errors: list[str] = []
-    done = threading.Event()
-    with LocalCluster(store) as c, Loader(cluster=c, pipeline=PIPE, split="node", batch_size=16, seed=2) as ld:
-        def read() -> None:
-            try:
-                cur: list = []
-                for b in ld.epochs(None):
-                    h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes())
-                    h.update(b.labels.tobytes())
-                    cur.append((b.epoch, list(b.keys), h.hexdigest()))
-                    if len(cur) == per_epoch:
-                        epochs.append(cur)
-                        cur = []
-                        if done.is_set():
-                            return
-                    time.sleep(step_s)
-            except Exception as exc:  # noqa: BLE001 - counted
-                errors.append(f"{type(exc).__name__}: {exc}")
-
-        t = threading.Thread(target=read)
-        t.start()
-        try:
-            time.sleep(2)
-            r1 = rebalance(store, 4, grace=1.0, on_stage=lambda st, m: c.add_node(3) if st == "widened" else None)
-            r2 = rebalance(store, 2, grace=1.0,
-                           on_stage=lambda st, m: (c.remove_node(3), c.remove_node(2)) if st == "swept" else None)
-            n = len(epochs)
-            while len(epochs) < n + 1 and t.is_alive():
-                time.sleep(0.2)
-        finally:
-            done.set()
-            t.join(300)
-        placements = ld.source.stats()["placements"]
-    lost = dup = differing = 0
-    with Loader(store=store, pipeline=PIPE, batch_size=16, seed=2) as ref:
-        for got in epochs:
-            e = got[0][0]
-            ref.epoch = e
-            want = batch_digests(ref)[0]
-            keys = [k for _, ks, _ in got for k in ks]
-            lost += len({k for ks, _ in want for k in ks} - set(keys))
-            dup += len(keys) - len(set(keys))
-            differing += sum((ks, h) != tuple(w) for (_, ks, h), w in zip(got, want))
-    return {"epochs_read": len(epochs), "errors": errors, "lost": lost, "duplicated": dup, "differing_batches": differing,
-            "copies_made": [r1.copies_made, r2.copies_made], "copies_removed": [r1.copies_removed, r2.copies_removed],
-            "rebalance_seconds": [r1.seconds, r2.seconds], "loader_took_placements": len(placements)}
+    with LocalCluster(store) as c:
+        return rebalance_while_reading(c, PIPE, [4, 2], batch_size=16, seed=2, step_s=step_s, settle_s=2.0,
+                                       grace=1.0)
 
 
 def chaos(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""The long runs (``pytest -m long``; `make test` skips them): the chaos soak and the long fuzzers.
+"""The long runs (``pytest -m long``; `make test` skips them): the chaos soak, the long fuzzers, fairness
+over 30 s, and a rebalance 3 -> 4 -> 2 while a loader reads.
 
 They are the same harnesses bench/reliability.py records figures from (`docs/reliability.md`); here
 they run as tests, so a failure names the guarantee that broke.
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from nearstore.bench.faults import chaos_run, copy_store, fuzz_readers, fuzz_tickets, load_run
+from nearstore import standard_train
+from nearstore.bench.faults import (chaos_run, copy_store, fuzz_readers, fuzz_tickets, load_run,
+                                    rebalance_while_reading)
 from nearstore.node import LocalCluster
 from nearstore.store import Manifest
 from nearstore.store.ingest import ingest
@@ -46,3 +49,14 @@ def test_eight_loaders_for_thirty_seconds_share_fairly(store):
         r = load_run(c, loaders=8, seconds=30)
     assert not r["errors"], r["errors"]
     assert r["max_over_min"] <= 1.5, r["samples_per_s"]
+
+
+def test_rebalance_3_to_4_to_2_while_a_loader_reads(image_folder, tmp_path):
+    """The figure of issue 15 (make test runs 2 -> 3 -> 2: tests/test_rebalance.py)."""
+    ingest(image_folder, tmp_path / "s", nodes=3, replicas=2, shard_size=300_000)
+    with LocalCluster(tmp_path / "s") as c:
+        r = rebalance_while_reading(c, standard_train(64), [4, 2], batch_size=4, seed=3, step_s=0.05)
+    assert not r["errors"], r["errors"]
+    assert r["epochs_read"] >= 3
+    assert r["lost"] == 0 and r["duplicated"] == 0 and r["differing_batches"] == 0
+    assert r["last_placement_epoch"] == 4 and Manifest.load(tmp_path / "s").nodes == 2

@@ -5,14 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from nearstore import Loader, standard_train
-from nearstore.bench.faults import batch_digests, copy_store
+from nearstore.bench.faults import batch_digests, copy_store, rebalance_while_reading
 from nearstore.loader.order import epoch_order
 from nearstore.node import LocalCluster
 from nearstore.store import Manifest, Store
@@ -89,70 +88,14 @@ def test_rebalance_killed_at_any_moment_leaves_a_readable_store_and_a_rerun_fini
     assert Manifest.load(copy).nodes == 2 and scrub(copy).clean and all_samples(copy) == original
 
 
-class _Epochs:
-    """Iterate ``n`` epochs of a loader as one stream (for batch_digests)."""
-
-    def __init__(self, ld, n: int) -> None:  # noqa: ANN001
-        self.ld, self.n = ld, n
-
-    def __iter__(self):  # noqa: ANN204
-        return iter(self.ld.epochs(self.n))
-
-
-def test_rebalance_3_to_4_to_2_while_a_loader_reads(store3, tmp_path):
-    copy = copy_store(store3, tmp_path / "s")
-    with Loader(store=copy, pipeline=PIPE, batch_size=4, seed=3) as ld:
-        per_epoch = len(ld)
-        flat = batch_digests(_Epochs(ld, 40))[0]
-    reference = [flat[i : i + per_epoch] for i in range(0, len(flat), per_epoch)]
-    epochs: list[list] = []
-    errors: list[BaseException] = []
-    done = threading.Event()
+def test_rebalance_2_to_3_to_2_while_a_loader_reads(store, tmp_path):
+    """The live smoke test of an online rebalance (growing, then shrinking: a server started and one stopped);
+    3 -> 4 -> 2 runs with the long runs (tests/test_long.py) and in bench/reliability.py."""
+    copy = copy_store(store, tmp_path / "s")
     with LocalCluster(copy) as c:
-        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=4, seed=3) as ld:
-            def read() -> None:
-                try:
-                    current, epoch = [], 0
-                    for b in ld.epochs(None):
-                        import hashlib
-
-                        h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes())
-                        h.update(b.labels.tobytes())
-                        current.append((list(b.keys), h.hexdigest()))
-                        if len(current) == per_epoch:
-                            epochs.append(current)
-                            current, epoch = [], epoch + 1
-                            if done.is_set():
-                                return
-                        time.sleep(0.05)  # a training step
-                except BaseException as exc:  # noqa: BLE001 - reported by the test
-                    import traceback
-
-                    errors.append(f"{exc!r}: {traceback.format_exc()}")
-
-            t = threading.Thread(target=read)
-            t.start()
-            try:
-                time.sleep(0.5)
-                rebalance(copy, 4, grace=0.5, on_stage=lambda stage, m: c.add_node(3) if stage == "widened" else None)
-
-                def shrink(stage: str, m: Manifest) -> None:
-                    if stage == "swept":
-                        c.remove_node(3)
-                        c.remove_node(2)
-
-                rebalance(copy, 2, grace=0.5, on_stage=shrink)
-                n_before = len(epochs)
-                while len(epochs) < n_before + 2 and t.is_alive():
-                    time.sleep(0.1)
-            finally:
-                done.set()
-                t.join(120)
-            stats = ld.source.stats()
-    assert not errors, errors
-    assert len(epochs) >= 3
-    for e, got in enumerate(epochs[: len(reference)]):  # every epoch: every sample once, the same bits and order as without one
-        assert got == reference[e], e
-        assert len({k for ks, _ in got for k in ks}) == 48
-    assert [p["placement_epoch"] for p in stats["placements"]][-1] == 4
-    assert Manifest.load(copy).nodes == 2
+        r = rebalance_while_reading(c, PIPE, [3, 2], batch_size=4, seed=3, step_s=0.05, settle_s=0.3)
+    assert not r["errors"], r["errors"]
+    assert r["epochs_read"] >= 2
+    assert r["lost"] == 0 and r["duplicated"] == 0 and r["differing_batches"] == 0
+    assert r["last_placement_epoch"] == Manifest.load(copy).placement_epoch and Manifest.load(copy).nodes == 2
+    assert all(r["copies_made"]) and all(r["copies_removed"])

@@ -73,7 +73,7 @@ def reference(store) -> list:
 
 
 def test_sigkill_mid_epoch_fails_over_exactly_once_and_bit_identical(store):
-    with LocalCluster(store, link_mbps=1.0) as c:  # a slow link, so the kill lands mid-stream
+    with LocalCluster(store, link_mbps=3.0) as c:  # a slow link, so the kill lands mid-stream
         r = failover_run(c, PIPE, kill_node=0, kill_after=2, batch_size=4)
     assert r["samples"] == 48 and r["delivered"] == 48
     assert r["lost"] == 0 and r["duplicates"] == 0
@@ -82,8 +82,9 @@ def test_sigkill_mid_epoch_fails_over_exactly_once_and_bit_identical(store):
     assert r["stall_s"] < 30
 
 
-def test_restarted_node_is_used_again(store):
-    with LocalCluster(store) as c:
+def test_restarted_node_is_used_again(cluster):
+    c = cluster  # the shared cluster: node 0 is restarted on its port whatever happens
+    try:
         with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8, seed=3) as ld:
             ld.source.retry_after = 0.2
             c.kill(0)
@@ -94,33 +95,57 @@ def test_restarted_node_is_used_again(store):
             ld.epoch = 0
             again, _ = batch_digests(ld)
             stats = ld.source.stats()
-        assert first == again
-        assert [e["node"] for e in stats["rejoined"]] == [0]
-        assert ld.source.wire_by_node[0] > sent_by_0 and not stats["down"]
+    finally:
+        if c.procs[0].poll() is not None:
+            c.restart(0)
+    assert first == again
+    assert [e["node"] for e in stats["rejoined"]] == [0]
+    assert ld.source.wire_by_node[0] > sent_by_0 and not stats["down"]
 
 
-def test_no_replica_left_names_shard_and_nodes(fresh_store):
-    with LocalCluster(fresh_store) as c:  # one replica: node 0's shards have no other copy
-        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8) as ld:
+@pytest.fixture(scope="module")
+def one_replica(image_folder, tmp_path_factory, share):
+    """A cluster on a store with one replica (node 0's shards have no other copy) and sample 5 damaged. Its
+    tests run the ops on the host: the nodes only read and verify (thread workers: no processes to start)."""
+    path = tmp_path_factory.mktemp("one-replica") / "s"
+    ingest(image_folder, path, nodes=2, replicas=1, shard_size=1 << 20)
+    shard, key = flip_byte(path, 5, node=primary(path, 5))
+    with share(LocalCluster(path, worker_kind="thread")) as c:
+        yield c, shard, key
+
+
+def test_no_replica_left_names_shard_and_nodes(one_replica):
+    c = one_replica[0]
+    try:
+        with Loader(cluster=c, pipeline=PIPE, split="host", batch_size=8, on_error="skip") as ld:
             c.kill(0)
             with pytest.raises(NodeUnavailableError, match=r"shard \S+ has no live replica: it lives on nodes \[0\]"):
                 list(ld)
+    finally:
+        c.restart(0)  # as the other tests of the fixture expect it
 
 
 # -- 2. end-to-end integrity ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split", ["host", "node"])
-def test_flipped_byte_is_served_from_a_replica(store, tmp_path, reference, split):
-    damaged = copy_store(store, tmp_path / "s")
+@pytest.fixture(scope="module")
+def one_bad_copy_each(store, tmp_path_factory, share):
+    """A cluster on a copy of ``store`` where each node holds one bad sample, each with a good copy elsewhere."""
+    damaged = copy_store(store, tmp_path_factory.mktemp("damaged") / "s")
     other = next(i for i in range(48) if primary(damaged, i) != primary(damaged, 5))
-    flip_byte(damaged, 5, node=primary(damaged, 5))  # each node has one bad sample; each has a good copy elsewhere
+    flip_byte(damaged, 5, node=primary(damaged, 5))
     flip_byte(damaged, other, node=primary(damaged, other))
-    with LocalCluster(damaged) as c:
-        with Loader(cluster=c, pipeline=PIPE, split=split, batch_size=8, seed=3) as ld:
-            got = batch_digests(ld)[0]
-            assert ld.source.stats()["refetched"] >= 2
-        node_errors = [NodeClient(ep.uri, node=ep.node).stats()["errors_by_kind"] for ep in c.spec.nodes]
+    with share(LocalCluster(damaged)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("split", ["host", "node"])
+def test_flipped_byte_is_served_from_a_replica(one_bad_copy_each, reference, split):
+    c = one_bad_copy_each
+    with Loader(cluster=c, pipeline=PIPE, split=split, batch_size=8, seed=3) as ld:
+        got = batch_digests(ld)[0]
+        assert ld.source.stats()["refetched"] >= 2
+    node_errors = [NodeClient(ep.uri, node=ep.node).stats()["errors_by_kind"] for ep in c.spec.nodes]
     assert got == reference
     assert all(e.get("checksum", 0) >= 1 for e in node_errors)
 
@@ -133,15 +158,14 @@ def test_flipped_byte_in_a_local_store_is_read_from_a_replica(store, tmp_path, r
         assert ld.source.store.repaired == 1
 
 
-def test_flipped_byte_without_a_good_copy_is_never_delivered(fresh_store):
-    shard, key = flip_byte(fresh_store, 5, node=primary(fresh_store, 5))
-    with LocalCluster(fresh_store) as c:
-        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8) as ld, \
-                pytest.raises(SampleError, match=f"shard {shard}, key {key}.*crc32c mismatch"):
-            list(ld)
-        with Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8, on_error="skip") as ld:
-            ids = np.concatenate([b.ids for b in ld])
-        assert 5 not in ids and len(ids) == 47 and ld.stats.skipped == 1
+def test_flipped_byte_without_a_good_copy_is_never_delivered(one_replica):
+    c, shard, key = one_replica
+    with Loader(cluster=c, pipeline=PIPE, split="host", batch_size=8) as ld, \
+            pytest.raises(SampleError, match=f"shard {shard}, key {key}.*crc32c mismatch"):
+        list(ld)
+    with Loader(cluster=c, pipeline=PIPE, split="host", batch_size=8, on_error="skip") as ld:
+        ids = np.concatenate([b.ids for b in ld])
+    assert 5 not in ids and len(ids) == 47 and ld.stats.skipped == 1
 
 
 def test_both_copies_bad_names_every_copy(store, tmp_path):
@@ -152,7 +176,9 @@ def test_both_copies_bad_names_every_copy(store, tmp_path):
     with pytest.raises(ChecksumError, match=f"shard {shard}, key {key}: no good copy on nodes"):
         st.read(9)
     st.close()
-    with LocalCluster(damaged) as c, Loader(cluster=c, pipeline=PIPE, split="node", batch_size=8) as ld:
+    # the nodes only read and verify (ops on the host): thread workers, no worker processes to start
+    with LocalCluster(damaged, worker_kind="thread") as c, \
+            Loader(cluster=c, pipeline=PIPE, split="host", batch_size=8) as ld:
         with pytest.raises(SampleError, match=f"key {key}.*no good copy on nodes"):
             list(ld)
 
@@ -178,17 +204,17 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("split,stop_after", [("node", 2), ("host", 4)])
-def test_resume_in_a_new_process_with_other_worker_count(store, split, stop_after):
-    with LocalCluster(store) as c:
-        with Loader(cluster=c, pipeline=PIPE, split=split, batch_size=8, seed=3, workers=2) as ld:
-            full = batch_digests(ld)[0]
-        with Loader(cluster=c, pipeline=PIPE, split=split, batch_size=8, seed=3, workers=2) as ld:
-            it = iter(ld)
-            for _ in range(stop_after):
-                next(it)
-            state = ld.state_dict()
-        out = subprocess.run([sys.executable, "-c", RESUME, c.spec.model_dump_json(), json.dumps(state), split, "1"],
-                             capture_output=True, text=True, timeout=180)
+def test_resume_in_a_new_process_with_other_worker_count(cluster, split, stop_after):
+    c = cluster
+    with Loader(cluster=c, pipeline=PIPE, split=split, batch_size=8, seed=3, workers=2) as ld:
+        full = batch_digests(ld)[0]
+    with Loader(cluster=c, pipeline=PIPE, split=split, batch_size=8, seed=3, workers=2) as ld:
+        it = iter(ld)
+        for _ in range(stop_after):
+            next(it)
+        state = ld.state_dict()
+    out = subprocess.run([sys.executable, "-c", RESUME, c.spec.model_dump_json(), json.dumps(state), split, "1"],
+                         capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     rest = [(k, h) for k, h in json.loads(out.stdout)]
     assert rest == full[stop_after:]
@@ -197,15 +223,15 @@ def test_resume_in_a_new_process_with_other_worker_count(store, split, stop_afte
 # -- 4. authentication and exposure ------------------------------------------------------------------
 
 
-def test_nodes_bind_loopback_by_default(store):
-    with LocalCluster(store, nodes=1) as c:
-        assert c.spec.nodes[0].uri.startswith("grpc://127.0.0.1:")
+def test_nodes_bind_loopback_by_default(cluster):  # the shared cluster is started with the defaults
+    assert cluster.spec.nodes and all(ep.uri.startswith("grpc://127.0.0.1:") for ep in cluster.spec.nodes)
 
 
 def test_token_from_file_and_environment(store, tmp_path, monkeypatch):
     token_file = tmp_path / "token"
     token_file.write_text("t0ps3cret\n")
-    with LocalCluster(store, nodes=1, token="t0ps3cret") as c:
+    with LocalCluster(store, nodes=1, token="t0ps3cret", worker_kind="thread") as c:  # ops on the host (below):
+        # the node only reads, so thread workers do (no worker processes to start)
         spec = c.spec.model_copy(update={"token": None})
         (tmp_path / CLUSTER_FILE).write_text(spec.model_dump_json())
         with pytest.raises(NodeRequestError, match="missing or wrong token"):
@@ -213,7 +239,7 @@ def test_token_from_file_and_environment(store, tmp_path, monkeypatch):
         monkeypatch.setenv("NEARSTORE_TOKEN_FILE", str(token_file))
         loaded = ClusterSpec.load(tmp_path)
         assert loaded.token == "t0ps3cret"
-        with Loader(cluster=loaded, pipeline=PIPE, split="node", batch_size=16) as ld:
+        with Loader(cluster=loaded, pipeline=PIPE, split="host", batch_size=16) as ld:
             assert sum(len(b) for b in ld) == 48  # 2 replicas on 2 nodes: node 0 holds every shard
     monkeypatch.delenv("NEARSTORE_TOKEN_FILE")
 
@@ -270,12 +296,10 @@ def test_tls_with_a_self_signed_certificate(store, tmp_path, reference):
 FUZZ_CASES = int(os.environ.get("NEARSTORE_FUZZ_CASES", "300"))
 
 
-def test_fuzzed_tickets_never_crash_a_node(store):
+def test_fuzzed_tickets_never_crash_a_node(store, cluster):
     man = Manifest.load(store)
-    with LocalCluster(store, nodes=1) as c:
-        ep = c.spec.nodes[0]
-        r = fuzz_tickets(ep.uri, man.name, man.num_samples, cases=FUZZ_CASES, seed=1)
-        assert c.procs[0].poll() is None, "the node died"
+    r = fuzz_tickets(cluster.spec.nodes[0].uri, man.name, man.num_samples, cases=FUZZ_CASES, seed=1)
+    assert cluster.procs[0].poll() is None, "the node died"
     assert r["cases"] == FUZZ_CASES
     assert r["crashes"] == 0, r["examples"]
     assert r["rejected"] > FUZZ_CASES // 4 and r["served"] > 0
@@ -306,12 +330,11 @@ def test_ingest_kill_loop_always_leaves_a_consistent_store(tmp_path, image_folde
 # -- 7. load ---------------------------------------------------------------------------------------------
 
 
-def test_concurrent_loaders_all_progress_without_errors(store):
-    with LocalCluster(store) as c:
-        r = load_run(c, loaders=int(os.environ.get("NEARSTORE_LOAD_LOADERS", "4")),
-                     seconds=float(os.environ.get("NEARSTORE_LOAD_SECONDS", "4")))
+def test_concurrent_loaders_all_progress_without_errors(cluster):
+    r = load_run(cluster, loaders=int(os.environ.get("NEARSTORE_LOAD_LOADERS", "3")),
+                 seconds=float(os.environ.get("NEARSTORE_LOAD_SECONDS", "2")))
     assert not r["errors"], r["errors"]
     assert len(r["samples_per_s"]) == r["loaders"] and min(r["samples_per_s"]) > 0
-    # Fairness itself is asserted by the long run (tests/test_long.py, 8 loaders x 30 s): over this 4 s window
+    # Fairness itself is asserted by the long run (tests/test_long.py, 8 loaders x 30 s): over a 4 s window
     # equal loaders measured 1.9-11x apart on a quiet machine, with the code before this session too.
     assert all(rss > 0 for rss in r["node_peak_rss_bytes"])

@@ -58,7 +58,7 @@ def test_a_symlink_out_of_the_node_directory_is_refused_and_never_served(store, 
     with pytest.raises(StoreError, match="outside its node directory"):
         st.read(shard.first)
     st.close()
-    with LocalCluster(copy, nodes=1) as c:
+    with LocalCluster(copy, nodes=1, worker_kind="thread") as c:  # no ops run: no worker processes needed
         reader = flight.FlightClient(c.spec.nodes[0].uri)
         ticket = json.dumps({"dataset": man.name, "samples": [shard.first, shard.first + 1]}).encode()
         table = reader.do_get(flight.Ticket(ticket)).read_all()
@@ -81,53 +81,53 @@ def test_token_check_is_constant_time_and_exact():
     assert "hmac.compare_digest" in inspect.getsource(TokenMiddlewareFactory.start_call)
 
 
-def test_a_burst_of_streams_from_one_client_does_not_starve_another(store):
+def test_a_burst_of_streams_from_one_client_does_not_starve_another(store, cluster):
     """One client opens 120 streams at once and never reads them; another client is still served."""
     man = Manifest.load(store)
     big = json.dumps({"dataset": man.name, "samples": list(range(man.num_samples)),
                       "ops": ["decode_jpeg"], "batch_size": 4}).encode()
-    with LocalCluster(store, nodes=1) as c:
-        uri = c.spec.nodes[0].uri
-        hostile = flight.FlightClient(uri)
-        opened, refused, stop = [], [], threading.Event()
-        lock = threading.Lock()
+    c = cluster  # node 0 of the shared cluster
+    uri = c.spec.nodes[0].uri
+    hostile = flight.FlightClient(uri)
+    opened, refused, stop = [], [], threading.Event()
+    lock = threading.Lock()
 
-        def greedy() -> None:
-            try:
-                r = hostile.do_get(flight.Ticket(big), flight.FlightCallOptions(timeout=60))
-                with lock:
-                    opened.append(r)
-                stop.wait(60)  # hold the stream open, unread
-            except flight.FlightError as exc:
-                with lock:
-                    refused.append(str(exc))
-
-        threads = [threading.Thread(target=greedy, daemon=True) for _ in range(120)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while len(opened) + len(refused) < 120 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def greedy() -> None:
         try:
-            good = NodeClient(uri, node=0, timeout=60)
-            t0 = time.monotonic()
-            ticket = json.dumps({"dataset": man.name, "samples": list(range(16)), "ops": ["decode_jpeg"]}).encode()
-            rows = sum(ch.data.num_rows for ch in good._client.do_get(flight.Ticket(ticket), good._opts))
-            served_in = time.monotonic() - t0
-            streams = good.stats()["streams"]
-            good.close()
-        finally:
-            stop.set()
-            for r in opened:
-                r.cancel()
-            for t in threads:
-                t.join(30)
-            hostile.close()
-        assert rows == 16 and served_in < 30
-        assert len(opened) == 16 and len(refused) == 104  # the per-client bound
-        assert all("node busy" in m and "limit 16" in m for m in refused)
-        assert streams["refused"] >= 104 and streams["open_streams"] <= 17
-        assert c.procs[0].poll() is None
+            r = hostile.do_get(flight.Ticket(big), flight.FlightCallOptions(timeout=60))
+            with lock:
+                opened.append(r)
+            stop.wait(60)  # hold the stream open, unread
+        except flight.FlightError as exc:
+            with lock:
+                refused.append(str(exc))
+
+    threads = [threading.Thread(target=greedy, daemon=True) for _ in range(120)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(opened) + len(refused) < 120 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        good = NodeClient(uri, node=0, timeout=60)
+        t0 = time.monotonic()
+        ticket = json.dumps({"dataset": man.name, "samples": list(range(16)), "ops": ["decode_jpeg"]}).encode()
+        rows = sum(ch.data.num_rows for ch in good._client.do_get(flight.Ticket(ticket), good._opts))
+        served_in = time.monotonic() - t0
+        streams = good.stats()["streams"]
+        good.close()
+    finally:
+        stop.set()
+        for r in opened:
+            r.cancel()
+        for t in threads:
+            t.join(30)
+        hostile.close()
+    assert rows == 16 and served_in < 30
+    assert len(opened) == 16 and len(refused) == 104  # the per-client bound
+    assert all("node busy" in m and "limit 16" in m for m in refused)
+    assert streams["refused"] >= 104 and streams["open_streams"] <= 17
+    assert c.procs[0].poll() is None
 
 
 def test_tls_refuses_protocol_versions_below_1_2(store, tmp_path):
@@ -136,7 +136,8 @@ def test_tls_refuses_protocol_versions_below_1_2(store, tmp_path):
     cert = ca.issue_cert("127.0.0.1")
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    with LocalCluster(store, nodes=1, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem")) as c:
+    with LocalCluster(store, nodes=1, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"),
+                      worker_kind="thread") as c:  # handshakes only: no worker processes needed
         port = int(c.spec.nodes[0].uri.rsplit(":", 1)[1])
 
         def handshake(lo: ssl.TLSVersion, hi: ssl.TLSVersion) -> str:

@@ -9,6 +9,7 @@ benchmark can record it in ``bench/results/reliability.json``:
 - ``fuzz_readers``: damaged index, tar and manifest files opened and read.
 - ``ingest_kill_loop``: ``ingest`` SIGKILLed at random points, the store checked after each.
 - ``load_run``: several loader processes against one cluster for a fixed time.
+- ``rebalance_while_reading``: the cluster grown and shrunk while a loader reads, every epoch checked.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ from nearstore.store.scrub import scrub
 from nearstore.store.store import Store
 
 __all__ = ["failover_run", "fuzz_tickets", "fuzz_readers", "ingest_kill_loop", "load_run", "batch_digests",
-           "peak_rss", "copy_store", "flip_bytes", "scrub_found_every_flip", "chaos_run"]
+           "peak_rss", "copy_store", "flip_bytes", "scrub_found_every_flip", "chaos_run", "rebalance_while_reading"]
 
 
 def batch_digests(loader: Any, *, epoch_hook: Any = None) -> tuple[list[tuple[list[str], str]], list[float]]:
@@ -53,6 +56,77 @@ def batch_digests(loader: Any, *, epoch_hook: Any = None) -> tuple[list[tuple[li
             epoch_hook(i)
         t = time.perf_counter()
     return out, waits
+
+
+def rebalance_while_reading(cluster: LocalCluster, pipeline: Any, moves: list[int], *, batch_size: int,
+                            seed: int = 2, step_s: float = 0.05, settle_s: float = 0.5, grace: float = 0.5) -> dict:
+    """Rebalance ``cluster``'s store to each node count in ``moves`` in turn while a loader (split ``node``)
+    reads epoch after epoch; a move starts the servers of new node directories once it has widened the
+    placement and stops those of removed ones once it has swept. After the last move the loader reads one
+    more whole epoch; then every epoch read is compared with the same epoch read locally (its order never
+    depended on placement): samples lost or duplicated in an epoch, batches differing.
+    """
+    store = cluster.store
+    with Loader(store=store, pipeline=pipeline, batch_size=batch_size, seed=seed) as ld:
+        per_epoch = len(ld)
+    epochs: list[list] = []
+    errors: list[str] = []
+    done = threading.Event()
+    reports = []
+    with Loader(cluster=cluster, pipeline=pipeline, split="node", batch_size=batch_size, seed=seed) as ld:
+        def read() -> None:
+            try:
+                cur: list = []
+                for b in ld.epochs(None):
+                    h = hashlib.sha256(np.ascontiguousarray(b.data).tobytes())
+                    h.update(b.labels.tobytes())
+                    cur.append((b.epoch, list(b.keys), h.hexdigest()))
+                    if len(cur) == per_epoch:
+                        epochs.append(cur)
+                        cur = []
+                        if done.is_set():
+                            return
+                    time.sleep(step_s)  # a training step
+            except Exception as exc:  # noqa: BLE001 - counted
+                errors.append(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+        t = threading.Thread(target=read, name="rebalance-reader")
+        t.start()
+        try:
+            time.sleep(settle_s)
+            for k in moves:
+                before = Manifest.load(store).nodes
+
+                def on_stage(stage: str, _m: Manifest, before: int = before, k: int = k) -> None:
+                    if stage == "widened":
+                        for n in range(before, k):
+                            cluster.add_node(n)
+                    elif stage == "swept":
+                        for n in range(before - 1, k - 1, -1):
+                            cluster.remove_node(n)
+
+                reports.append(rebalance(store, k, grace=grace, on_stage=on_stage))
+            n = len(epochs)
+            while len(epochs) < n + 1 and t.is_alive():  # and the one in progress: a whole epoch on the last placement
+                time.sleep(0.05)
+        finally:
+            done.set()
+            t.join(300)
+        placements = ld.source.stats()["placements"]
+    lost = dup = differing = 0
+    with Loader(store=store, pipeline=pipeline, batch_size=batch_size, seed=seed) as ref:
+        for got in epochs:
+            ref.epoch = got[0][0]
+            want = batch_digests(ref)[0]
+            keys = [k for _, ks, _ in got for k in ks]
+            lost += len({k for ks, _ in want for k in ks} - set(keys))
+            dup += len(keys) - len(set(keys))
+            differing += sum((ks, h) != tuple(w) for (_, ks, h), w in zip(got, want))
+    return {"moves": moves, "epochs_read": len(epochs), "errors": errors, "lost": lost, "duplicated": dup,
+            "differing_batches": differing, "copies_made": [r.copies_made for r in reports],
+            "copies_removed": [r.copies_removed for r in reports], "rebalance_seconds": [r.seconds for r in reports],
+            "loader_took_placements": len(placements),
+            "last_placement_epoch": placements[-1]["placement_epoch"] if placements else None}
 
 
 def failover_run(cluster: Any, pipeline: Any, *, kill_node: int = 0, kill_after: int = 2, batch_size: int = 4,
