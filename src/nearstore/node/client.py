@@ -119,9 +119,11 @@ class Latencies:
     is never above ``cap``: a node silent that long is hedged however slow the cluster has been (a spurious
     hedge costs a replica some work and is undone by the prober; a missed one stalls training). The latency
     deadline has no cap: on a slow link every request may take longer, while record batches keep arriving.
+    The floor (0.5 s) keeps a busy host's hiccups (a descheduled worker) from hedging, and leaves the
+    replica's answer room within a 1 s stall.
     """
 
-    def __init__(self, *, percentile: float = 95.0, factor: float = 2.0, floor: float = 0.25,
+    def __init__(self, *, percentile: float = 95.0, factor: float = 2.0, floor: float = 0.5,
                  initial: float = 1.0, cap: float = 2.0, window: int = 128, warmup: int = 8) -> None:
         if not 50.0 <= percentile <= 100.0 or factor < 1.0 or floor <= 0 or initial <= 0 or cap < floor:
             raise ConfigError("hedging: percentile must be in 50..100, factor >= 1, floor and initial > 0, "
