@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -244,9 +246,10 @@ def top(
 
     if interval <= 0:
         raise typer.BadParameter(f"--interval must be > 0 seconds (got {interval})")
-    try:
-        run_top(ClusterSpec.load(store), interval=interval, console=Console(), iterations=iterations)
-    except KeyboardInterrupt:
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C ends the loop between refreshes
+    run_top(ClusterSpec.load(store), interval=interval, console=Console(), iterations=iterations, stop=stop)
+    if stop.is_set():
         console.print("stopped")
 
 
@@ -350,6 +353,7 @@ def bench(
     workers: int = typer.Option(2, help="host workers for every system"),
     dali: bool = typer.Option(True, help="include NVIDIA DALI CPU when importable"),
     overhead: bool = typer.Option(True, help="also measure loader overhead on decoded samples"),
+    overhead_samples: int = typer.Option(20000, min=1, help="decoded samples per round of the overhead measurement"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Host pipeline benchmark (--local) or emulated-accelerator training over a cluster (--cluster)."""
@@ -405,7 +409,7 @@ def bench(
         out = {"host_pipeline": res}
         if overhead:
             status.update("loader overhead")
-            out["loader_overhead"] = loader_overhead_bench(rounds=rounds, workdir=local.parent)
+            out["loader_overhead"] = loader_overhead_bench(n=overhead_samples, rounds=rounds, workdir=local.parent)
     from nearstore.cli.demo import host_table
 
     Console().print(host_table(res, out.get("loader_overhead")))

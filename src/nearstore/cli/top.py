@@ -9,6 +9,7 @@ Nodes on Ray that stop answering are looked up again through their actor
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -89,8 +90,14 @@ def render(table_rows: list[dict], title: str) -> Table:
     return t
 
 
-def run_top(spec: ClusterSpec, *, interval: float = 1.0, console: Console, iterations: int | None = None) -> None:
-    """Refresh every ``interval`` seconds until Ctrl-C (KeyboardInterrupt reaches the caller) or ``iterations``."""
+def run_top(spec: ClusterSpec, *, interval: float = 1.0, console: Console, iterations: int | None = None,
+            stop: threading.Event | None = None) -> None:
+    """Refresh every ``interval`` seconds until ``stop`` is set (the CLI sets it on Ctrl-C) or ``iterations``.
+
+    Ctrl-C sets an event rather than raising KeyboardInterrupt wherever the
+    main thread happens to be: an exception inside the pool's result wait or a
+    Flight call could leave the process hanging instead of exiting."""
+    stop = stop or threading.Event()
     clients = {ep.node: node_client(spec, ep.node, timeout=max(0.5, interval)) for ep in spec.nodes}
     title = f"nearstore top: {spec.dataset}, {len(spec.nodes)} nodes (Ctrl-C to quit)"
     try:
@@ -99,8 +106,7 @@ def run_top(spec: ClusterSpec, *, interval: float = 1.0, console: Console, itera
             prev = poll(spec, clients, pool, resolve)
             with Live(render(rows({}, prev), title), console=console, auto_refresh=False) as live:
                 done = 0
-                while iterations is None or done < iterations:
-                    time.sleep(interval)
+                while (iterations is None or done < iterations) and not stop.wait(interval):
                     cur = poll(spec, clients, pool, resolve)
                     live.update(render(rows(prev, cur), title), refresh=True)
                     prev, done = cur, done + 1
