@@ -44,13 +44,13 @@ def test_errors_are_one_clear_line(args, match):
 
 @pytest.mark.timeout(600)
 def test_bench_writes_json(tmp_path, store):
-    r = run("bench", "--local", str(store), "--n", "64", "--rounds", "1", "--no-dali", "--json",
-            str(tmp_path / "b.json"))
+    r = run("bench", "--local", str(store), "--n", "32", "--rounds", "1", "--no-dali", "--overhead-samples", "2000",
+            "--json", str(tmp_path / "b.json"))
     res = json.loads((tmp_path / "b.json").read_text())
     host = res["host_pipeline"]
     assert host["median_images_per_s"]["nearstore"] > 0 and host["median_images_per_s"]["torch_dataloader_pillow"] > 0
     assert "vs_torch" in host["median_ratio"] and host["dali_note"]
-    assert res["loader_overhead"]["median_samples_per_s"] > 0
+    assert res["loader_overhead"]["median_samples_per_s"] > 0 and res["loader_overhead"]["samples"] == 2000
     assert "nearstore" in r.stdout
 
 
@@ -68,3 +68,4 @@ def test_demo_ends_with_the_designers_verdict(tmp_path):
     assert res["verdict"]["buy"] == "host_gpu_server"
     assert "verdict:" in buf.getvalue() and "infeasible" in buf.getvalue() and "cache-only" in buf.getvalue()
     assert (tmp_path / "design.png").stat().st_size > 10_000
+

@@ -26,7 +26,9 @@ PIPE = standard_train(64)
 
 @pytest.fixture(scope="module")
 def cluster(store):
-    with LocalCluster(store, workers_per_node=2) as c:
+    """The module's 2-node cluster (every cluster start costs seconds); the cap is far above what tests send,
+    so it only makes the link figures defined."""
+    with LocalCluster(store, workers_per_node=2, link_mbps=1000) as c:
         yield c
 
 
@@ -155,12 +157,12 @@ def test_burst_of_bad_requests_then_a_good_one(cluster, store):
     c.close()
 
 
-def test_node_serving_samples_it_does_not_hold(store, image_folder, tmp_path):
+def test_node_serving_samples_it_does_not_hold(cluster, store, image_folder, tmp_path):
     from nearstore.store import ingest
 
-    with LocalCluster(store) as c:  # 2 replicas on 2 nodes: every node holds everything
-        assert all(NodeClient(ep.uri).health()["shards_held"] == len(Manifest.load(store).shards)
-                   for ep in c.spec.nodes)
+    # 2 replicas on 2 nodes: every node holds everything
+    assert all(NodeClient(ep.uri).health()["shards_held"] == len(Manifest.load(store).shards)
+               for ep in cluster.spec.nodes)
     single = tmp_path / "single"
     ingest(image_folder, single, nodes=2, replicas=1, shard_size=1 << 20)
     with LocalCluster(single, nodes=1) as c:
@@ -232,20 +234,19 @@ def test_token_required_when_set(store):
             assert np.concatenate([b.ids for b in ld]).size == 48
 
 
-def test_bench_cluster_with_emulated_accelerator(store, tmp_path):
+def test_bench_cluster_with_emulated_accelerator(cluster, tmp_path):
     from nearstore.bench.accel import step_time_for
 
     assert step_time_for("h100", "resnet50", 400) == pytest.approx(0.224)
     assert step_time_for("A100", "ResNet50", 200) == pytest.approx(0.2175)
     with pytest.raises(ValueError, match="unknown accelerator 'tpu9'; known: a100, h100"):
         step_time_for("tpu9", "resnet50", 4)
-    with LocalCluster(store, link_mbps=50) as c:
-        c.spec.save(tmp_path / "cluster.json")
-        r = subprocess.run([sys.executable, "-m", "nearstore.cli.main", "bench", "--cluster",
-                            str(tmp_path / "cluster.json"), "--split", "node", "--accel", "h100", "--batch-size", "8",
-                            "--samples", "24", "--json", str(tmp_path / "acc.json")],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
+    cluster.spec.save(tmp_path / "cluster.json")
+    r = subprocess.run([sys.executable, "-m", "nearstore.cli.main", "bench", "--cluster",
+                        str(tmp_path / "cluster.json"), "--split", "node", "--accel", "h100", "--batch-size", "8",
+                        "--samples", "24", "--json", str(tmp_path / "acc.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "acc.json").read_text())
     assert res["step_time"] == pytest.approx(0.224 * 8 / 400)
     assert res["samples"] >= 24 and 0 < res["au"] <= 1
@@ -288,9 +289,13 @@ def test_thread_workers_give_the_same_bits(store, cluster):
         assert digest(ld) == want
 
 
-def test_a_dead_idle_worker_is_replaced_before_the_next_request(store):
+def test_a_dead_idle_worker_is_replaced_and_a_killed_node_takes_its_workers_with_it(store):
+    """One node's life: a worker SIGKILLed while idle is replaced before the next request; then the node is
+    SIGKILLed and every worker process (the replacement too) goes with it."""
     import os
     import signal
+
+    import psutil
 
     with LocalCluster(store, nodes=1) as c:
         ep = c.spec.nodes[0]
@@ -304,6 +309,12 @@ def test_a_dead_idle_worker_is_replaced_before_the_next_request(store):
         h = client.health()
         assert h["worker_restarts"] == 1 and not set(h["worker_pids"]) & set(old)
         client.close()
+        pids = h["worker_pids"]
+        c.kill(0)
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            assert time.monotonic() < deadline, "worker processes outlived their SIGKILLed node"
+            time.sleep(0.1)
 
 
 def test_a_worker_killed_mid_epoch_costs_a_failover_not_a_sample(store):
@@ -313,7 +324,7 @@ def test_a_worker_killed_mid_epoch_costs_a_failover_not_a_sample(store):
 
     with Loader(store, pipeline=PIPE, batch_size=4, seed=9) as local:
         want = digest(local)
-    with LocalCluster(store, slowdown=30.0, workers_per_node=1) as c, Loader(
+    with LocalCluster(store, slowdown=10.0, workers_per_node=1) as c, Loader(
             cluster=c, pipeline=PIPE, split="node", batch_size=4, seed=9) as ld:
         ld.source.retry_after = 0.5
         victim = _worker_pids(c.spec.nodes[0])[0]
@@ -366,18 +377,6 @@ def test_slowdown_makes_ops_take_that_many_times_their_cpu_time(store):
     # 100 ms of waiting already exceeds 3 x the decodes' CPU: nothing to add (scaling measured time added 200 ms)
     assert waits["slowdown_seconds"] < 0.05 and sum(waits["op_seconds"].values()) >= 2 * 0.05
     assert charged[0] == pytest.approx(0.08) and charged[-1] == pytest.approx(0.08)
-
-
-def test_killed_node_takes_its_workers_with_it(store):
-    import psutil
-
-    with LocalCluster(store, nodes=1) as c:
-        pids = _worker_pids(c.spec.nodes[0])
-        c.kill(0)
-        deadline = time.monotonic() + 10
-        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
-            assert time.monotonic() < deadline, "worker processes outlived their SIGKILLed node"
-            time.sleep(0.1)
 
 
 def test_worker_slots_lease_reuse_and_oversized_batches(store):

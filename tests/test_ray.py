@@ -45,7 +45,7 @@ def digest(batches) -> str:
 
 def test_actors_on_their_hosts_survive_a_kill_mid_epoch(store, local_ray):
     with Loader(store, pipeline=PIPE, batch_size=4, seed=2) as local:
-        want = [digest(local), digest(local)]
+        want = [digest(local) for _ in range(4)]
     with RayCluster(store, local_ray.address, workers_per_node=1, slowdown=4.0, token="s3cret") as rc:
         with pytest.raises(NodeRequestError, match="token"):  # Flight as before: the token is required
             NodeClient(rc.spec.nodes[0].uri, node=0).health()
@@ -66,12 +66,21 @@ def test_actors_on_their_hosts_survive_a_kill_mid_epoch(store, local_ray):
             info = rc.actor_info(0)
             NodeClient(info["uri"], node=0, timeout=30, token="s3cret").health()  # serving at its new endpoint
             assert info["pid"] != victim and info["uri"] != old_uri  # (how fast: bench/multihost.py)
-            before = ld.source.node_counters()[0][1]
-            assert digest(ld) == want[1]  # the next epoch: node 0 found at its new endpoint and used again
-            assert ld.source.node_counters()[0][1] > before
+            # the next epochs: node 0 is found at its new endpoint and used again. The loader learns the endpoint
+            # from Ray in the background, so on a busy machine an epoch's requests may all go out before it does:
+            # allow up to 3 epochs (each bit-identical)
+            used = False
+            for epoch in range(1, 4):
+                before = ld.source.node_counters()[0][1]
+                assert digest(ld) == want[epoch]
+                if ld.source.node_counters()[0][1] > before:
+                    used = True
+                    break
+            assert used, ld.source.stats()
             assert ld.source.stats()["rejoined"][0]["node"] == 0
 
 
+@pytest.mark.long  # ~20 s; make test keeps one live Ray run (the kill test above, which starts the same actors)
 def test_up_and_down_from_the_cli(store, local_ray, tmp_path):
     env = {**os.environ, "COLUMNS": "200"}
     cli = [sys.executable, "-m", "nearstore.cli.main"]
