@@ -69,3 +69,22 @@ def test_demo_ends_with_the_designers_verdict(tmp_path):
     assert "verdict:" in buf.getvalue() and "infeasible" in buf.getvalue() and "cache-only" in buf.getvalue()
     assert (tmp_path / "design.png").stat().st_size > 10_000
 
+
+@pytest.mark.long  # ~1-2 min: two emulated-training runs and a plan over a capped link (make demo runs it too)
+def test_demo_features_at_storage(store):
+    import io
+
+    from rich.console import Console
+
+    from nearstore.cli.demo import features_demo
+
+    buf = io.StringIO()
+    res = features_demo(store, console=Console(file=buf, width=200), samples=32)
+    host, nodes = res["runs"]
+    assert host["split"] == len(res["pipeline"]) - 1 and nodes["split"] == "node"
+    # pooled fp16 MobileNetV2 features (1280 x 2 B) against 3 x 112 x 112 uint8 crops
+    assert nodes["bytes_per_sample"] < host["bytes_per_sample"] / 10
+    assert all(r["samples_per_s"] > 0 and 0 < r["au"] <= 1 for r in res["runs"])
+    text = buf.getvalue()
+    assert "nodes (pooled features over the link)" in text and "planner" in text
+    assert " ".join(res["plan"]["reason"].split()) in " ".join(text.split())  # the choice and its reason

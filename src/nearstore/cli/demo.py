@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from nearstore.bench.accel import split_sweep
+from nearstore.bench.accel import emulated_training, split_sweep
 from nearstore.bench.host import host_pipeline_bench, loader_overhead_bench
 from nearstore.bench.nodes import UINT8_SPLIT, classify
 from nearstore.bench.plots import plot_sweep
@@ -21,12 +21,13 @@ from nearstore.design import load_catalog
 from nearstore.design.plots import plot_design
 from nearstore.loader.loader import Loader
 from nearstore.node.cluster import LocalCluster
-from nearstore.ops.pipeline import standard_train
+from nearstore.ops.network import network_ops
+from nearstore.ops.pipeline import Pipeline, standard_train
 from nearstore.plan import plan
 from nearstore.store.ingest import ingest
 from nearstore.store.synth import SynthSpec, synth_folder
 
-__all__ = ["run_demo", "host_table"]
+__all__ = ["run_demo", "host_table", "features_demo"]
 
 _RATIO_KEYS = {"torch_dataloader_pillow": "vs_torch", "dali_cpu": "vs_dali"}
 
@@ -80,14 +81,16 @@ def run_demo(workdir: Path, *, n: int, rounds: int, console: Console, progress: 
         console.print(f"note: {host['dali_note']}")
     console.rule("5. storage nodes: 2-node local cluster, link capped at 25 MB/s per node, large photos")
     nodes = node_demo(workdir, console=console, progress=progress)
-    console.rule("6. the designer: which storage system to buy for ResNet-50 training on ImageNet")
+    console.rule("6. features at storage: a network on the nodes vs crops over a 1 MB/s link")
+    features = features_demo(store, console=console)
+    console.rule("7. the designer: which storage system to buy for ResNet-50 training on ImageNet")
     design = design_demo(workdir, console=console)
-    console.rule("7. inference on the nodes: embed a dataset where it lives, then query it there")
+    console.rule("8. inference on the nodes: embed a dataset where it lives, then query it there")
     jobs = jobs_demo(workdir, console=console)
     elapsed = time.perf_counter() - t0
     console.print(f"demo finished in {elapsed:.0f} s; results in {workdir / 'demo.json'}")
     return {"synth": summary, "ingest": report.__dict__, "epoch": st.as_dict(), "host_pipeline": host,
-            "loader_overhead": overhead, "nodes": nodes, "design": design, "jobs": jobs,
+            "loader_overhead": overhead, "nodes": nodes, "features": features, "design": design, "jobs": jobs,
             "seconds": elapsed}
 
 
@@ -123,6 +126,44 @@ def node_demo(workdir: Path, *, console: Console, progress: Callable[[], Progres
         chosen = plan(cluster, pipe, batch_size=16, step_time=0.05, samples=16, loader=Loader)
     console.print(f"[bold]planner (Loader(split='auto')):[/bold] {chosen.reason}")
     return {"runs": runs, "plot": str(png), "plan": chosen.as_dict()}
+
+
+def features_demo(store: Path, *, console: Console, arch: str = "mobilenet_v2", size: int = 112,
+                  cap: float = 1.0, samples: int = 96, batch_size: int = 16, step_time: float = 0.05) -> dict:
+    """A frozen network cut at pooled features on the nodes vs crops over the link and the network on the host.
+
+    Both runs feed the same emulated accelerator (``step_time`` per batch);
+    the table shows samples/s, AU and bytes per sample on the link, then the
+    planner's choice among every split with its reason.
+    """
+    net = network_ops(arch, "pooled", dtype="float16", engine="pytorch", hw=(size, size))
+    pipe = Pipeline(["decode_jpeg", {"op": "random_resized_crop", "size": size}, "to_uint8_chw", *net])
+    crops = pipe.valid_splits[-2]  # everything before the network: uint8 crops cross the link
+    runs = []
+    t0 = time.perf_counter()
+    with LocalCluster(store, link_mbps=cap, workers_per_node=1) as cluster:
+        with console.status(f"emulated training: {arch} on the host, then on the nodes"):
+            for split in (crops, "node"):
+                # 3 untimed batches: each process builds the network on its first batch
+                r = emulated_training(cluster.spec, pipeline=pipe, split=split, step_time=step_time,
+                                      samples=samples, batch_size=batch_size, warmup_batches=3)
+                r["bottleneck"] = classify(r, node_workers=2, host_workers=2)
+                runs.append(r)
+        t1 = time.perf_counter()
+        with console.status("planner: profiling nodes, host and link"):
+            chosen = plan(cluster, pipe, batch_size=batch_size, step_time=step_time, samples=16, loader=Loader)
+        t2 = time.perf_counter()
+    t = Table(title=f"{arch} (PyTorch, fp16 pooled features) on {size}x{size} crops, link {cap:.0f} MB/s per node, "
+                    f"batch {batch_size}, {step_time * 1e3:.0f} ms emulated step")
+    for col in ("where the network runs", "samples/s", "AU", "bytes/sample", "link util.", "bottleneck"):
+        t.add_column(col, justify="right")
+    for r, label in zip(runs, ("host (uint8 crops over the link)", "nodes (pooled features over the link)")):
+        t.add_row(label, f"{r['samples_per_s']:.1f}", f"{r['au']:.2f}", f"{r['bytes_per_sample'] / 1e3:.1f} KB",
+                  f"{(r['link_utilization'] or 0):.0%}", r["bottleneck"])
+    console.print(t)
+    console.print(f"[bold]planner (Loader(split='auto')):[/bold] {chosen.reason}")
+    return {"arch": arch, "size": size, "cap_mb_per_s": cap, "pipeline": pipe.to_json(), "runs": runs,
+            "plan": chosen.as_dict(), "seconds": {"runs": t1 - t0, "plan": t2 - t1}}
 
 
 def design_demo(workdir: Path, *, console: Console) -> dict:
