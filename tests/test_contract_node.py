@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from nearstore import Loader
@@ -59,16 +60,40 @@ def served(store, tmp_path_factory):
     load_op_modules([str(USER_OP_FILE), str(d / "host_only_ops.py")], entry_points=False)
     run = lambda *a: subprocess.run([sys.executable, "-m", "nearstore.cli.main", *a], capture_output=True,  # noqa: E731
                                     text=True, timeout=120)
-    r = run("up", str(copy), "--workers-per-node", "1", "--ops-module", str(USER_OP_FILE),
+    r = run("up", str(copy), "--workers-per-node", "1", "--link-mbps", "100", "--ops-module", str(USER_OP_FILE),
             "--ops-module", str(d / "broken_ops.py"))
     assert r.returncode == 0, r.stderr
+    spec = ClusterSpec.load(copy)
     try:
-        yield ClusterSpec.load(copy), copy
+        yield spec, copy
     finally:
+        workers = [p for ep in spec.nodes for p in _health(ep)["worker_pids"]]
         r = run("down", str(copy))
         unregister("posterize")
         unregister("test_host_only")
         assert r.returncode == 0, r.stderr
+        # `down` leaves no process (nodes and their worker processes) and no cluster file
+        for pid in [ep.pid for ep in spec.nodes] + workers:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert not (copy / "cluster.json").exists()
+
+
+def _health(ep) -> dict:  # noqa: ANN001
+    c = NodeClient(ep.uri, node=ep.node)
+    try:
+        return c.health()
+    finally:
+        c.close()
+
+
+def test_up_records_the_link_cap_and_refuses_a_second_cluster(served):
+    """The CLI's `up` (this module's cluster) as a user runs it; `down` is checked when the module ends."""
+    spec, copy = served
+    assert len(spec.nodes) == 2 and spec.link_mbps == 100
+    assert all(_health(ep)["worker_kind"] == "process" for ep in spec.nodes)
+    r = subprocess.run([sys.executable, "-m", "nearstore.cli.main", "up", str(copy)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "run `nearstore down" in " ".join(r.stderr.split())
 
 
 def _digest(loader) -> str:

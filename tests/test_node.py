@@ -197,31 +197,6 @@ def test_loader_at_a_down_node_names_endpoint_and_fix(store):
         Loader(cluster=spec, pipeline=PIPE, split="node")
 
 
-def test_up_and_down_leave_no_process(store, tmp_path):
-    import shutil
-
-    copy = tmp_path / "s"
-    shutil.copytree(store, copy)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "nearstore.cli.main", *a], capture_output=True,  # noqa: E731
-                                    text=True, timeout=120)
-    r = run("up", str(copy), "--link-mbps", "100")
-    assert r.returncode == 0, r.stderr
-    spec = ClusterSpec.load(copy)
-    assert len(spec.nodes) == 2 and spec.link_mbps == 100
-    with Loader(cluster=spec, pipeline=PIPE, split="node", batch_size=16) as ld:
-        assert sum(len(b) for b in ld) == 48
-    r = run("up", str(copy))
-    assert r.returncode != 0 and "run `nearstore down" in " ".join(r.stderr.split())
-    workers = [p for ep in spec.nodes for p in _worker_pids(ep)]
-    r = run("down", str(copy))
-    assert r.returncode == 0, r.stderr
-    import psutil
-
-    for pid in [ep.pid for ep in spec.nodes] + workers:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert not (copy / "cluster.json").exists()
-
-
 def test_token_required_when_set(store):
     with LocalCluster(store, nodes=1, token="s3cret") as c:
         ep = c.spec.nodes[0]
