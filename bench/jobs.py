@@ -97,14 +97,22 @@ def _timed_job(store: Path, cluster: LocalCluster, batch: int) -> dict:
     """One job (overwriting ``emb``): seconds, samples/s, and the cores it kept busy on this machine."""
     cpu0, idle0, busy0 = _cpu(cluster)
     me0 = time.process_time()
+    marks: list[tuple[float, int]] = []  # (time, samples done): the job notifies at every shard done
     t0 = time.perf_counter()
     res = infer(store, cluster.spec, out="emb", overwrite=True, batch_size=batch, per_node=2,
+                on_progress=lambda p: marks.append((time.perf_counter(), p.done)), progress_every=0.01,
                 **{k2: v for k2, v in NET.items()})
     seconds = time.perf_counter() - t0
+    done = [m for m in marks if m[1] > 0]
+    # from the first shard done to the last: the job's rate without its start (capabilities, state) and end
+    # (commit, sweep), which the loader figure does not include either
+    steady = (done[-1][1] - done[0][1]) / (done[-1][0] - done[0][0]) if len(done) > 1 and done[-1][0] > done[0][0] \
+        else float("nan")
     me = time.process_time() - me0
     cpu1, idle1, busy1 = _cpu(cluster)
     return {"seconds": seconds, "samples": res.manifest.num_samples,
-            "samples_per_s": res.manifest.num_samples / seconds, "by_node": res.by_node,
+            "samples_per_s": res.manifest.num_samples / seconds, "steady_samples_per_s": steady,
+            "by_node": res.by_node,
             "file_bytes": res.manifest.file_bytes, "node_cpu_seconds": cpu1 - cpu0, "job_cpu_seconds": me,
             "cores_busy": (cpu1 - cpu0 + me) / seconds, "node_idle_seconds": idle1 - idle0,
             # how much of the job's time the nodes' workers (1 each) spent on samples: the rest is what the job
@@ -133,8 +141,10 @@ def _job_vs_node(store: Path, slowdown: float, batch: int, rounds: int) -> dict:
             job.append(_timed_job(store, cluster, batch))
     rates = [j["samples_per_s"] for j in job]
     return {"slowdown": slowdown, "loader_samples_per_s": loader, "job_samples_per_s": rates,
+            "job_steady_samples_per_s": [j["steady_samples_per_s"] for j in job],
             "job_worker_busy_fraction": [j["worker_busy_fraction"] for j in job],
-            "job_cores_busy": [j["cores_busy"] for j in job], "ratio": max(rates) / max(loader)}
+            "job_cores_busy": [j["cores_busy"] for j in job], "ratio": max(rates) / max(loader),
+            "ratio_steady": max(j["steady_samples_per_s"] for j in job) / max(loader)}
 
 
 def _scale_out(stores: dict[int, Path], slowdown: float, batch: int, repeat: int) -> tuple[list[dict], dict]:

@@ -230,6 +230,10 @@ class _Run:
         self.copies = 0
         self.link_bytes = 0
         self.failovers: list[dict] = []
+        # the state file is written outside ``cond`` (an fsync under it stalled every thread's next request),
+        # newest version only: a slower writer of an older state never overwrites a newer one
+        self._saving = threading.Lock()
+        self._version = self._saved = 0
         skipped = sum(man.shards[i].samples for i in state.done)
         self.progress = JobProgress(total=man.num_samples, done=skipped, skipped=skipped,
                                     shards_total=len(man.shards), shards_done=len(state.done),
@@ -360,7 +364,8 @@ class _Run:
             if self.failure is not None and not isinstance(self.failure, JobError):
                 return
             self.state.done[shard] = done
-            self.state.save(self.store)  # progress survives a kill of this process from here on
+            self._version += 1
+            version, body = self._version, self.state.model_dump_json().encode()
             self.computed.append(shard)
             self.copies += len(holders) - 1
             self.link_bytes += len(raw)
@@ -368,3 +373,7 @@ class _Run:
             self.progress.shards_done += 1
             self.progress.by_node[node] = self.progress.by_node.get(node, 0) + entry.samples
             self.cond.notify_all()
+        with self._saving:  # progress survives a kill of this process once this is written
+            if version > self._saved:
+                JobState.write(self.store, self.state.name, body)
+                self._saved = version

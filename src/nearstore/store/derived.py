@@ -210,9 +210,14 @@ class JobState(BaseModel):
             return None  # a state we cannot read only costs recomputation
 
     def save(self, store: Path) -> None:
+        self.write(store, self.name, self.model_dump_json().encode())
+
+    @staticmethod
+    def write(store: Path, name: str, body: bytes) -> None:
+        """Write a state serialized earlier (``model_dump_json``), atomically."""
         root = _derived_root(store)
         root.mkdir(exist_ok=True)
-        atomic_write_bytes(state_path(store, self.name), self.model_dump_json().encode())
+        atomic_write_bytes(state_path(store, name), body)
 
     @staticmethod
     def clear(store: Path, name: str) -> None:
