@@ -222,6 +222,8 @@ def _demands(m: Measurements, i: int) -> dict[str, float]:
             demands[r] = demands.get(r, 0.0) + d
     groups, host_group, _ = cpu_sets(m)
     for n, g in enumerate(groups):
+        # the per-row work the profiles miss (packing rows, their crc) runs on the node's worker threads too
+        demands[f"node{n}"] += m.node_share[n] * m.node_overhead_s
         if g:  # reading is not slowed (the site charged it at 1/slowdown), and the overhead the profiles miss
             slow = m.node_slowdown[n]
             demands[g] += m.node_share[n] * (m.node_read_s[n] * m.node_cpu_scale * (1.0 - 1.0 / slow)
