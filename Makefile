@@ -37,6 +37,7 @@ bench: $(VENV)/.dali
 	$(PY) bench/engines.py --json bench/results/engines.json
 	$(PY) bench/multihost.py --json bench/results/multihost.json
 	$(PY) bench/train_head.py --json bench/results/train-head.json
+	$(PY) bench/sweep.py --json bench/results/sweep.json
 
 bench-quick: $(VENV)/.base
 	$(PY) bench/run.py --quick --json bench/results/quick.json
@@ -49,6 +50,7 @@ bench-quick: $(VENV)/.base
 	$(PY) bench/multihost.py --quick --json bench/results/multihost-quick.json
 	$(PY) bench/jobs.py --quick --json bench/results/jobs-quick.json
 	$(PY) bench/train_head.py --quick --json bench/results/train-head-quick.json
+	$(PY) bench/sweep.py --quick --json bench/results/sweep-quick.json
 
 clean:
 	rm -rf $(VENV) demo-out build src/*.egg-info src/nearstore/ops/*.so

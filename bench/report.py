@@ -74,15 +74,33 @@ def plan_table(path: Path) -> str:
                          f"{r['predicted']:.1f} ({r['predicted_bottleneck']}) | {r['measured']:.1f} | "
                          f"{r['error']:+.1%} | {chosen} |")
     lines += ["", "| scenario | chosen split | its measured samples/s | best measured | within 5% of best | "
-              "max abs error |", "|---|---|---|---|---|---|"]
+              "max abs error | calibration runs (split) | planning s (nodes' profiling) | within budget |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for sc in d["scenarios"]:
+        cal, sec = sc.get("calibration", {}), sc.get("planning_seconds", {})
+        runs = f"{cal.get('runs', '?')} ({cal.get('split', '-')})"
+        took = f"{sec.get('total', 0):.1f} ({sec.get('profile_nodes', 0):.1f})" if sec else "-"
+        ok = ("yes" if sc["planning_within_budget"] else "**no**") if "planning_within_budget" in sc else "-"
         lines.append(f"| {sc['name']} | {sc['choice']} | {sc['chosen_measured']:.1f} | {sc['best_measured']:.1f} | "
-                     f"{'yes' if sc['choice_within_5pct'] else '**no**'} | {sc['max_abs_error']:.1%} |")
+                     f"{'yes' if sc['choice_within_5pct'] else '**no**'} | {sc['max_abs_error']:.1%} | {runs} | "
+                     f"{took} | {ok} |")
     m = d["summary"]
     lines += ["", f"{m['predictions']} predictions in {m['scenarios']} scenarios: {m['within_15pct']} within +-15%, "
               f"{m['within_10pct']} within +-10%; median |error| {m['median_abs_error']:.1%}, max "
               f"{m['max_abs_error']:.1%}; choice within 5% of the best measured in {m['choices_within_5pct']} of "
-              f"{m['scenarios']} scenarios."]
+              f"{m['scenarios']} scenarios; at most {m.get('max_calibration_runs', '?')} calibration run per plan; "
+              f"planning within its budget in {m.get('planning_within_budget', '?')} of {m['scenarios']}."]
+    return "\n".join(lines)
+
+
+def sweep_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    lines = ["| network | link MB/s | cut | samples/s | bytes/sample | bound by (measured) | planner: predicted "
+             "(bottleneck) | planner's choice |", "|---|---|---|---|---|---|---|---|"]
+    for p in d["points"]:
+        lines.append(f"| {p['arch']} | {p['cap_mb_per_s']:g} | {p['cut']} | {p['samples_per_s']:.1f} | "
+                     f"{p['bytes_per_sample']:,.0f} | {p['why']} | {p['predicted']:.1f} ({p['predicted_bottleneck']})"
+                     f" | {'**this**' if p['planner_choice'] == p['split'] else ''} |")
     return "\n".join(lines)
 
 
@@ -94,3 +112,5 @@ if __name__ == "__main__":
         print(nodes_table(f), "\n")
     for f in sorted(RESULTS.glob("plan.json")) if which in ("all", "plan") else []:
         print(plan_table(f), "\n")
+    for f in sorted(RESULTS.glob("sweep.json")) if which in ("all", "sweep") else []:
+        print(sweep_table(f), "\n")
