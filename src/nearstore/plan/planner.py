@@ -353,6 +353,11 @@ def _stage_seconds(pipeline: Pipeline, xs: list, keys: list[str]) -> list[float]
     return acc
 
 
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
 def _host_stage_seconds(pipeline: Pipeline, raw: list, rounds: int = 3) -> list[float]:
     """Seconds per sample of each stage on this host (median of ``rounds`` passes over ``raw``, after an
     untimed pass over two samples that builds what ops build on first use, a network's engine)."""
@@ -553,24 +558,24 @@ def measure(cluster, pipeline: Pipeline, *, host_workers: int = 2, step_time: fl
         ops = pipeline.to_json()
         src_nodes = list(src.clients)
         health = [c.health() for c in src.clients.values()]
-        t0 = time.perf_counter()
-        profiles, spread = _profile_nodes(list(src.clients.values()), ops, samples, rounds)
-        profile_s = time.perf_counter() - t0
         man = src.manifest
         ids = np.arange(min(samples, man.num_samples))
         raw = [f for f in src.fetch(ids, epoch=0, seed=0) if f.error is None]
+        if not raw:
+            raise ConfigError("the planner could not fetch any sample to profile the host with")
+        # the host profiles while the nodes do: costs are CPU time, which running side by side barely moves
+        with ThreadPoolExecutor(1, initializer=worker_init) as pool:  # a thread set up as the loader's workers
+            t0 = time.perf_counter()
+            host_job = pool.submit(_timed, _host_stage_seconds, pipeline, raw, rounds)
+            profiles, spread = _profile_nodes(list(src.clients.values()), ops, samples, rounds)
+            profile_s = time.perf_counter() - t0
+            host_s, host_profile_s = host_job.result()
     finally:
         src.close()
-    if not raw:
-        raise ConfigError("the planner could not fetch any sample to profile the host with")
     stages = pipeline.stages
     order = list(src_nodes)
     slowdown = [float(h.get("slowdown", 1.0)) for h in health]
     node_s = [[p["stages"][i]["cpu_seconds"] * slow for i in range(len(stages))] for p, slow in zip(profiles, slowdown)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(1, initializer=worker_init) as pool:  # a thread set up as the loader's workers are
-        host_s = pool.submit(_host_stage_seconds, pipeline, raw, rounds).result()
-    host_profile_s = time.perf_counter() - t0
     figures = declared(pipeline, input_spec_of(man))
     figures["out_bytes"] = [b or float(profiles[0]["stages"][i]["out_bytes"])  # a size no op could declare
                             for i, b in enumerate(figures["out_bytes"])]
