@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,27 @@ def test_accelerator_gets_the_mean_batch_of_an_epoch():
     by = {p.split: p for p in predict(m)}
     assert by[0].bottleneck == "accelerator"
     assert by[0].samples_per_s == pytest.approx(400 / 7 / 0.2)
+
+
+# -- the model over the recorded bench scenarios (bench/results/plan.json): measurements in, predictions out --
+
+RECORDED = Path(__file__).parents[1] / "bench" / "results" / "plan.json"
+
+
+def _recorded() -> list[dict]:
+    return json.loads(RECORDED.read_text())["scenarios"]
+
+
+@pytest.mark.parametrize("i", range(len(_recorded())))
+def test_recorded_scenarios_replay_their_predictions_and_choices(i):
+    """predict() and choose() are pure: fed a benchmark scenario's recorded measurements they give exactly the
+    predictions and the choice the benchmark reported (so the figures in docs/benchmarks.md are this code's)."""
+    sc = _recorded()[i]
+    m = Measurements(**sc["measurements"])
+    preds = predict(m)
+    assert [p.split for p in preds] == [r["split"] for r in sc["splits"]]
+    for p, r in zip(preds, sc["splits"]):
+        assert p.samples_per_s == pytest.approx(r["predicted"], rel=1e-9), (sc["name"], p.split)
+        assert p.bottleneck == r["predicted_bottleneck"]
+    assert choose(preds, noise=m.noise)[0] == sc["choice"]
+    assert sc["calibration"]["runs"] <= 1
