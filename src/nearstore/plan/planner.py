@@ -369,16 +369,17 @@ def _host_stage_seconds(pipeline: Pipeline, raw: list, rounds: int = 3) -> list[
 
 
 def _run_loader(spec, pipeline: Pipeline, m: Measurements, k: int, loader: Callable[..., Any],  # noqa: ANN001
-                rate: float, min_seconds: float = 0.5) -> dict:
-    """Run the loader at split k for a moment (``min_seconds`` at the predicted ``rate``, 32-512 samples,
-    and at least ``min_seconds``): CPU seconds per
-    sample on the nodes and on the host, cores kept busy, samples/s, and the wake-up lag of a sleeping thread.
+                rate: float, min_seconds: float = 1.5, warmup: int = 3) -> dict:
+    """Run the loader at split k for a moment (``min_seconds`` at the predicted ``rate``, at least 4 batches
+    and at most 1024 samples, and at least ``min_seconds``): CPU seconds per sample on the nodes and on the
+    host, cores kept busy, samples/s, and the wake-up lag of a sleeping thread.
 
     CPU time is read from this process (``process_time``) and from each node
     (its ``stats`` action), so emulated slowdowns (sleep) and link waits do
-    not count; the loader's start-up (its first batch) is not counted either.
+    not count; the loader's start-up (its first ``warmup`` batches, while
+    buffers fill) is not counted either.
     """
-    n = int(min(512, max(32, rate * min_seconds)))
+    n = int(min(1024, max(4 * m.batch_size, rate * min_seconds)))
     lags: list[float] = []
     stop = threading.Event()
 
@@ -398,12 +399,12 @@ def _run_loader(spec, pipeline: Pipeline, m: Measurements, k: int, loader: Calla
             before: list[dict] = []
             h0 = w0 = 0.0
             for i, b in enumerate(ld.epochs(None)):
-                if i == 1:
+                if i == warmup:
                     prober.start()
                     before = [c.stats() for c in clients]
                     h0, built0 = time.process_time(), ld.stats.samples
                     w0 = time.perf_counter()
-                elif i > 1:
+                elif i > warmup:
                     seen += len(b)
                     if seen >= n and time.perf_counter() - w0 >= min_seconds:
                         break
@@ -484,7 +485,9 @@ def fit(m: Measurements, k: int, run: dict) -> None:
     if at_k.bottleneck in cores:  # CPU-bound: the cores that set really gave
         busy = sum(b for g, b in zip(groups, run["node_busy"]) if g == at_k.bottleneck)
         busy += run["host_busy"] if at_k.bottleneck == host_group else 0.0
-        if busy > 0:
+        # only a set the run kept busy (70% of its effective cores) shows what it gives: one that idled was
+        # held back by something the model misses (a slowed node, a stall), and would understate every split
+        if busy >= 0.7 * cores[at_k.bottleneck]:
             m.cpu_rates[at_k.bottleneck] = min(busy, cores[at_k.bottleneck] / m.core_efficiency)
     m.calibration = {"runs": 1, "split": k,
                      "why": (f"split {k} is the profiles' best prediction: one loader run there measures the CPU per "
