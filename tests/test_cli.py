@@ -86,5 +86,5 @@ def test_demo_features_at_storage(store):
     assert nodes["bytes_per_sample"] < host["bytes_per_sample"] / 10
     assert all(r["samples_per_s"] > 0 and 0 < r["au"] <= 1 for r in res["runs"])
     text = buf.getvalue()
-    assert "nodes (pooled features over the link)" in text and "planner" in text
+    assert "nodes, features sent" in text and "host, crops sent" in text and "planner" in text
     assert " ".join(res["plan"]["reason"].split()) in " ".join(text.split())  # the choice and its reason

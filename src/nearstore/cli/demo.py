@@ -158,9 +158,9 @@ def features_demo(store: Path, *, console: Console, arch: str = "mobilenet_v2", 
         t2 = time.perf_counter()
     t = Table(title=f"{arch} (PyTorch, fp16 pooled features) on {size}x{size} crops, link {cap:g} MB/s per node, "
                     f"batch {batch_size}, {step_time * 1e3:.0f} ms emulated step")
-    for col in ("where the network runs", "samples/s", "AU", "bytes/sample", "link util.", "bottleneck"):
+    for col in ("network on", "samples/s", "AU", "bytes/sample", "link", "bottleneck"):  # fits 80 columns
         t.add_column(col, justify="right")
-    for r, label in zip(runs, ("host (uint8 crops over the link)", "nodes (pooled features over the link)")):
+    for r, label in zip(runs, ("host, crops sent", "nodes, features sent")):
         t.add_row(label, f"{r['samples_per_s']:.1f}", f"{r['au']:.2f}", f"{r['bytes_per_sample'] / 1e3:.1f} KB",
                   f"{(r['link_utilization'] or 0):.0%}", r["bottleneck"])
     console.print(t)
