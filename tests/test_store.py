@@ -244,7 +244,7 @@ def test_ingest_killed_midway_leaves_old_or_new(tmp_path, image_folder):
     assert True in outcomes  # at least one kill landed before the commit point
 
 
-# -- checksums: google-crc32c computes what the crc32c package did ------------------------------------
+# -- checksums: crc32c-rs computes what google-crc32c and the crc32c package did ----------------------
 
 DATA = Path(__file__).parent / "data"
 

@@ -134,12 +134,14 @@ class Latencies:
         self._seen: deque[float] = deque(maxlen=window)
         self._gaps: deque[float] = deque(maxlen=window)
         self._last: dict[int, float] = {}  # node -> monotonic time of its last progress
+        self._memo: dict[int, float] = {}  # id(values) -> its statistic, until a value is added (asked per check)
         self._lock = threading.Lock()
 
     def add(self, seconds: float) -> None:
         """A request was answered in full ``seconds`` after it was sent."""
         with self._lock:
             self._seen.append(seconds)
+            self._memo.pop(id(self._seen), None)
 
     def progress(self, node: int, sent: float, now: float | None = None) -> None:
         """``node`` sent part of an answer (a record batch) to a request sent at ``sent`` (monotonic): the gap
@@ -148,15 +150,19 @@ class Latencies:
         with self._lock:
             last = self._last.get(node, sent)
             self._gaps.append(max(0.0, now - max(sent, last)))
+            self._memo.pop(id(self._gaps), None)
             self._last[node] = max(now, last)
 
     def _of(self, values: deque, cap: float = float("inf")) -> float:
-        if not values:
-            v = self.initial
-        elif len(values) < self.warmup:
-            v = self.factor * max(values)
-        else:
-            v = self.factor * float(np.percentile(np.fromiter(values, float), self.percentile))
+        v = self._memo.get(id(values))
+        if v is None:
+            if not values:
+                v = self.initial
+            elif len(values) < self.warmup:
+                v = self.factor * max(values)
+            else:
+                v = self.factor * float(np.percentile(np.fromiter(values, float), self.percentile))
+            self._memo[id(values)] = v
         return min(cap, max(self.floor, v))
 
     def deadline(self) -> float:
