@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from nearstore import Loader, standard_train
@@ -148,6 +149,60 @@ def test_flipped_byte_is_served_from_a_replica(one_bad_copy_each, reference, spl
     node_errors = [NodeClient(ep.uri, node=ep.node).stats()["errors_by_kind"] for ep in c.spec.nodes]
     assert got == reference
     assert all(e.get("checksum", 0) >= 1 for e in node_errors)
+
+
+def _flip_on_the_wire(batch: pa.RecordBatch, row: int) -> pa.RecordBatch:
+    """``batch`` with one byte of ``row``'s data flipped: damage after the node computed the row's crc32c."""
+    col = batch.column("data")
+    validity, offsets, payload = col.buffers()
+    start = int(np.frombuffer(offsets, np.int32)[col.offset + row])
+    damaged = bytearray(payload.to_pybytes())
+    damaged[start + 7] ^= 0x01
+    data = pa.Array.from_buffers(col.type, len(col), [validity, offsets, pa.py_buffer(damaged)], offset=col.offset)
+    return pa.RecordBatch.from_arrays([data if n == "data" else batch.column(n) for n in batch.schema.names],
+                                      schema=batch.schema)
+
+
+def _damage_wire(monkeypatch, sample: int | None, times: int) -> list[int]:
+    """Flip a byte of ``sample``'s row (None: the first row node 0 sends) in the next ``times`` answers that
+    carry it; returns the samples damaged."""
+    real, hit = NodeClient.get, []
+
+    def get(self, ticket, on_message=None, cancel=None):  # noqa: ANN001, ANN202
+        batches, n = real(self, ticket, on_message, cancel)
+        for i, b in enumerate(batches):
+            ids = b.column("sample").to_pylist()
+            want = ids[0] if sample is None and self.node == 0 and not hit else sample
+            if want in ids and len(hit) < times:
+                batches[i] = _flip_on_the_wire(b, ids.index(want))
+                hit.append(want)
+        return batches, n
+
+    monkeypatch.setattr(NodeClient, "get", get)
+    return hit
+
+
+# split 4: normalize is left to the host, the row is checked as received; "node": nothing is left, the row is
+# checked over its copy in the batch
+@pytest.mark.parametrize("split", [4, "node"])
+def test_bytes_damaged_on_the_wire_are_asked_of_a_replica(cluster, monkeypatch, split):
+    with Loader(cluster=cluster, pipeline=PIPE, split=split, batch_size=8, seed=3) as ld:
+        want = batch_digests(ld)[0]
+    hit = _damage_wire(monkeypatch, None, 1)
+    with Loader(cluster=cluster, pipeline=PIPE, split=split, batch_size=8, seed=3) as ld:
+        assert batch_digests(ld)[0] == want
+        assert len(hit) == 1 and ld.source.stats()["refetched"] == 1
+
+
+def test_bytes_damaged_on_the_wire_from_every_copy_are_a_checksum_error(cluster, monkeypatch):
+    with Loader(cluster=cluster, pipeline=PIPE, split="node", batch_size=8, seed=3) as ld:
+        first = next(iter(ld))
+    victim, key = int(first.ids[2]), first.keys[2]
+    hit = _damage_wire(monkeypatch, victim, 2)  # both replicas' answers
+    with Loader(cluster=cluster, pipeline=PIPE, split="node", batch_size=8, seed=3) as ld, pytest.raises(
+            SampleError, match=f"key {key} \\(sample {victim}\\).*crc32c of the data it sent does not match"):
+        next(iter(ld))
+    assert hit == [victim, victim]
 
 
 def test_flipped_byte_in_a_local_store_is_read_from_a_replica(store, tmp_path, reference):

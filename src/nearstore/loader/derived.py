@@ -85,7 +85,7 @@ class DerivedSource:
                 self.bytes_read += size
             return hit
 
-    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0) -> list[Fetched]:
+    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0, into: np.ndarray | None = None) -> list[Fetched]:
         shards = (np.searchsorted(self._firsts, ids, side="right") - 1).tolist()
         out = []
         for sid, s in zip(ids.tolist(), shards):

@@ -329,16 +329,20 @@ class Loader:
         result: Future = Future()
         pool = self._pool
 
-        def fetch() -> tuple[list[Fetched], float]:
+        def fetch() -> tuple[list[Fetched], Any, float]:
             t0 = time.perf_counter()
-            return self.source.fetch(ids, epoch=epoch, seed=self.seed), time.perf_counter() - t0
+            spec = self.output_spec
+            buf = self._memory.array((len(ids), *spec.shape), spec.dtype) if spec.fixed else [None] * len(ids)
+            # a source may deliver finished samples straight into the batch (ClusterSource: checked there)
+            got = self.source.fetch(ids, epoch=epoch, seed=self.seed, into=buf if spec.fixed else None)
+            return got, buf, time.perf_counter() - t0
 
         def fetched(ff: Future) -> None:
             if result.cancelled():
                 return
             try:
-                got, seconds = ff.result()
-                cf = pool.submit(self._build, epoch, index, ids, got, seconds)
+                got, buf, seconds = ff.result()
+                cf = pool.submit(self._build, epoch, index, ids, got, buf, seconds)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer with its traceback
                 _settle(result, exc=exc)
                 return
@@ -347,11 +351,17 @@ class Loader:
         self._io.submit(fetch).add_done_callback(fetched)
         return result
 
-    def _build(self, epoch: int, index: int, ids: np.ndarray, fetched: list[Fetched], fetch_s: float) -> Batch:
-        """Run each fetched sample's remaining ops (from how far its source processed it) as one batch."""
-        spec = self.output_spec
+    def _build(self, epoch: int, index: int, ids: np.ndarray, fetched: list[Fetched], buf: Any,
+               fetch_s: float) -> Batch:
+        """Run each fetched sample's remaining ops (from how far its source processed it) as one batch into
+        ``buf``. Samples the source already wrote into their slot of ``buf`` are not copied again (numpy
+        skips an assignment of an array to itself)."""
         good = [f for f in fetched if f.error is None]
-        buf = self._memory.array((len(ids), *spec.shape), spec.dtype) if spec.fixed else [None] * len(ids)
+        if len(good) < len(fetched) and isinstance(buf, np.ndarray):
+            # good samples move up over the failed ones' slots: take those already in ``buf`` out first
+            for f in good:
+                if isinstance(f.data, np.ndarray) and np.shares_memory(f.data, buf):
+                    f.data = f.data.copy()
         timings: dict[str, float] = {}
         errors: list[Exception | None] = []
         if good:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow.flight as flight
 
+from nearstore.core.checksum import crc32c
 from nearstore.core.errors import ChecksumError, ConfigError, NearstoreError, SampleDecodeError
 from nearstore.core.memory import retain_freed_memory
 from nearstore.node.protocol import Row, Ticket, decode_rows, wire_bytes
@@ -458,7 +459,14 @@ class ClusterSource:
             "Restart them (`nearstore up STORE`), or ingest with more --replicas")
 
     # -- fetching ----------------------------------------------------------------------
-    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0) -> list[Fetched]:
+    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0, into: np.ndarray | None = None) -> list[Fetched]:
+        """The samples ``ids``, each from a node that holds it (a replica when a copy is bad or a node is down).
+
+        ``into`` (the batch's output array, one slot per id): a sample whose every op ran on its node is
+        copied into ``into[i]`` and its crc32c checked over that copy while it is in cache (one read of the
+        received bytes from memory instead of two: the check, then the loader's batch copy); its
+        ``Fetched.data`` is then ``into[i]``.
+        """
         shards = (np.searchsorted(self._firsts, ids, side="right") - 1).tolist()
         out: list[Fetched | None] = [None] * len(ids)
         tried: dict[int, set[int]] = defaultdict(set)  # position -> nodes whose copy failed
@@ -472,12 +480,20 @@ class ClusterSource:
                 raise NodeUnavailableError(f"gave up on {len(todo)} samples after 50 rounds of re-asking replicas "
                                            f"({self.stats()})")
             groups: dict[int, list[int]] = defaultdict(list)
+            picked: dict[int, int | None] = {}  # shard -> its node this round, for samples no node failed yet
             for pos in todo:
-                node = self._node_for(shards[pos], tried[pos])
+                untried = not tried[pos]
+                if untried and shards[pos] in picked:
+                    node = picked[shards[pos]]
+                else:
+                    node = self._node_for(shards[pos], tried[pos])
+                    if untried:
+                        picked[shards[pos]] = node
                 if node is None and refreshes < 2 and any("cannot read" in m or "missing" in m or "No such" in m
                                                           for _, m in problems[pos]):
                     refreshes += 1  # copies gone, not bad: a rebalance may have moved them
                     self._refresh_manifest()
+                    picked.clear()
                     tried[pos] = set()
                     node = self._node_for(shards[pos], tried[pos])
                 if node is None:  # every copy was bad: an error for this sample, never its bytes
@@ -495,7 +511,7 @@ class ClusterSource:
                     todo.extend(positions)
                     continue
                 for pos, row in zip(positions, rows):
-                    f = self._accept(node, pos, shards[pos], row, problems)
+                    f = self._accept(node, pos, shards[pos], row, problems, into)
                     if f is None:
                         tried[pos].add(node)
                         todo.append(pos)
@@ -507,19 +523,31 @@ class ClusterSource:
         self._close_failovers(t0)
         return out  # type: ignore[return-value]
 
-    def _accept(self, node: int, pos: int, shard: int, row: Row, problems: dict) -> Fetched | None:
-        """The Fetched for a received row, or None when this copy is bad and another replica should be asked."""
+    def _accept(self, node: int, pos: int, shard: int, row: Row, problems: dict,
+                into: np.ndarray | None = None) -> Fetched | None:
+        """The Fetched for a received row, or None when this copy is bad and another replica should be asked.
+        Its crc32c is checked here, over ``into[pos]`` after copying it there when the row is final output."""
         name = self.manifest.shards[shard].name
         if row.error_kind == "decode":  # the sample itself is bad: every replica would fail the same way
             return Fetched(row.sample, row.key, row.label, name, None, 0, SampleDecodeError(row.error or ""))
         if row.error_kind is not None:
             problems[pos].append((row.key, row.error or row.error_kind))
             return None
-        if not row.crc_ok:
+        value = row.value
+        ok = row.crc_ok
+        if ok is None:  # not checked on arrival (decode_rows(verify=False)): check it now, over what is kept
+            if (into is not None and isinstance(value, np.ndarray) and value.shape == into.shape[1:]
+                    and value.dtype == into.dtype and (self.prefix if row.prefix is None else row.prefix)
+                    == len(self._pipeline.ops)):
+                into[pos] = value  # the batch's slot: nothing left to run on the host
+                value = into[pos]
+            check = value.reshape(-1).view(np.uint8) if isinstance(value, np.ndarray) else value
+            ok = crc32c(check) == row.crc
+        if not ok:
             problems[pos].append((row.key, f"node {node}: crc32c of the data it sent does not match; the bytes "
                                            "were corrupted between node and loader"))
             return None
-        return Fetched(row.sample, row.key, row.label, name, row.value, row.nbytes, prefix=row.prefix)
+        return Fetched(row.sample, row.key, row.label, name, value, row.nbytes, prefix=row.prefix)
 
     def _mark_down(self, node: int, exc: Exception, t0: float, samples: int) -> None:
         with self._lock:
@@ -761,7 +789,7 @@ class ClusterSource:
                 self.latencies.progress(node, sent)
 
         batches, _ = self.clients[node].get(t, on_message=on_message, cancel=cancel)
-        rows = [r for b in batches for r in decode_rows(b)]
+        rows = [r for b in batches for r in decode_rows(b, verify=False)]  # checked by _accept
         with self._lock:
             self.payload_bytes += sum(r.nbytes for r in rows)
             self.samples_received += len(rows)

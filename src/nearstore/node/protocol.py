@@ -239,14 +239,18 @@ class Row(NamedTuple):
     label: int
     value: Any
     nbytes: int
-    crc_ok: bool
+    crc_ok: bool | None  # None: not checked yet (``decode_rows(verify=False)``): the caller checks ``crc``
     error_kind: str | None = None
     error: str | None = None
     prefix: int | None = None  # how many ops the node ran on this sample
+    crc: int | None = None  # the crc32c the node computed over ``value``'s bytes
 
 
-def decode_rows(batch: pa.RecordBatch) -> list[Row]:
-    """A record batch -> ``Row``s; arrays are zero-copy views into the received buffers."""
+def decode_rows(batch: pa.RecordBatch, *, verify: bool = True) -> list[Row]:
+    """A record batch -> ``Row``s; arrays are zero-copy views into the received buffers.
+
+    ``verify=False`` leaves each row's crc32c check to the caller (``Row.crc``), who may check it over its
+    own copy of the row, once, while that copy is in cache (the loader does, into the batch it builds)."""
     meta = batch.schema.metadata or {}
     dtype = (meta.get(b"dtype") or b"bytes").decode()
     dtypes = {int(k): v for k, v in json.loads(meta.get(b"dtypes") or b"{}").items()}
@@ -267,10 +271,11 @@ def decode_rows(batch: pa.RecordBatch) -> list[Row]:
             out.append(Row(sample, key, label, None, 0, True, kinds[i], errors[i], prefixes[i]))
             continue
         piece = raw[offsets[i] : offsets[i + 1]]
-        ok = crc32c(piece) == int(crcs[i])
+        crc = int(crcs[i])
+        ok = crc32c(piece) == crc if verify else None
         dt = dtypes.get(prefixes[i], dtype) if prefixes[i] is not None else dtype
         value: Any = piece.tobytes() if dt == "bytes" else piece.view(dt).reshape(shapes[i])
-        out.append(Row(sample, key, label, value, len(piece), ok, None, None, prefixes[i]))
+        out.append(Row(sample, key, label, value, len(piece), ok, None, None, prefixes[i], crc))
     return out
 
 

@@ -39,7 +39,10 @@ class SampleSource(Protocol):
     manifest: Manifest
     prefix: int  # how many pipeline ops the source applies unless a sample says otherwise (``Fetched.prefix``)
 
-    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int) -> list[Fetched]: ...
+    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int, into: np.ndarray | None = None) -> list[Fetched]:
+        """``into``, when given, is the batch's output array (one slot per id): a source may write a sample
+        that needs no more ops into its slot (``Fetched.data`` is then that slot), or ignore it."""
+        ...
 
     def close(self) -> None: ...
 
@@ -53,7 +56,7 @@ class LocalSource:
         self.store = store if isinstance(store, Store) else Store(store)
         self.manifest = self.store.manifest
 
-    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0) -> list[Fetched]:
+    def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0, into: np.ndarray | None = None) -> list[Fetched]:
         out: list[Fetched] = []
         for sid in ids.tolist():
             s, i = self.store.locate(sid)
