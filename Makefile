@@ -6,7 +6,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 
 .PHONY: demo test bench bench-quick clean
 
-$(VENV)/.base: pyproject.toml src/nearstore/ops/_c/jpeg_region.c
+$(VENV)/.base: pyproject.toml src/nearstore/ops/_c/jpeg_region.c src/nearstore/ops/_c/image_kernels.c
 	@test -f /usr/include/jpeglib.h || { echo "libjpeg-turbo headers missing: run 'apt-get install -y libjpeg62-turbo-dev' (Debian/Ubuntu)"; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install setuptools==80.9.0 wheel

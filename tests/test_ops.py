@@ -160,6 +160,26 @@ def test_normalize_matches_reference():
     assert np.allclose(y, (x / 255.0 - mean) / std, atol=1e-5)
 
 
+def test_normalize_bits_from_any_layout():
+    """The table look-up gives the bits of float32 x * (1 / (255 std)) - mean / std, from any view, into any slot."""
+    op = make_op("normalize")
+    std = np.asarray(op.params.std, np.float32).reshape(3, 1, 1)
+    scale, shift = 1.0 / (255.0 * std), np.asarray(op.params.mean, np.float32).reshape(3, 1, 1) / std
+    hwc = np.random.default_rng(0).integers(0, 256, (9, 256, 3), dtype=np.uint8)
+    hwc[0] = np.arange(256, dtype=np.uint8)[:, None]  # every value in every channel
+    ro = hwc.transpose(2, 0, 1).copy()
+    ro.flags.writeable = False  # a received buffer
+    views = [hwc.transpose(2, 0, 1), hwc[:, ::-1].transpose(2, 0, 1), ro, ro[:, ::-2, 1::3]]
+    for v in views:
+        want = (v.astype(np.float32) * scale - shift).view(np.uint32)
+        assert np.array_equal(op(v, None).view(np.uint32), want)
+        slot = np.zeros((3, v.shape[1], 2 * v.shape[2]), np.float32)[:, :, ::2]  # a strided slot
+        op.into(v, None, slot)
+        assert np.array_equal(slot.view(np.uint32), want)
+    with pytest.raises(ValueError, match="uint8"):
+        op.into(hwc.transpose(2, 0, 1).astype(np.int32), None, np.empty((3, 9, 256), np.float32))
+
+
 def test_pipeline_json_round_trip():
     p = standard_train(128)
     q = Pipeline.from_json(p.to_json())
@@ -185,3 +205,56 @@ def test_region_decode_equals_full_decode_at_every_scale():
                 x, y = rnd.randrange(sw - 10), rnd.randrange(sh - 10)
                 rw, rh = rnd.randint(1, sw - x), rnd.randint(1, sh - y)
                 assert np.array_equal(jpeg.decode_region(data, m, x, y, rw, rh), full[y : y + rh, x : x + rw])
+
+
+def test_resize_is_torchs_antialiased_bilinear_in_hwc():
+    """resize_hwc hands torch a channels-last tensor (faster); the bits are those of the planar call."""
+    import torch
+
+    from nearstore.ops.image import resize_hwc
+
+    rng = np.random.default_rng(1)
+    for (h, w), (oh, ow) in [((61, 47), (32, 32)), ((20, 30), (45, 41)), ((50, 50), (50, 20))]:
+        src = rng.integers(0, 256, (h + 3, w + 5, 3), dtype=np.uint8)[2 : 2 + h, 1 : 1 + w]  # a region view
+        got = resize_hwc(src, oh, ow)
+        planar = torch.from_numpy(np.ascontiguousarray(src.transpose(2, 0, 1)))[None]
+        ref = torch.nn.functional.interpolate(planar, size=(oh, ow), mode="bilinear", antialias=True,
+                                              align_corners=False)[0].numpy().transpose(1, 2, 0)
+        assert got.shape == (oh, ow, 3) and got.flags.c_contiguous and np.array_equal(got, ref)
+
+
+def test_layout_op_hands_views_only_to_ops_that_read_them():
+    """to_uint8_chw passes a view (no copy) to a next op with accepts_views in the same run, a copy otherwise."""
+    from nearstore.ops.base import Op, register, unregister
+
+    seen: list[tuple[str, bool]] = []
+
+    class Probe(Op):
+        name = "test_probe_contiguous"
+        inputs = ("chw_u8",)
+
+        def declare(self, spec: Spec) -> Spec:
+            return spec.costless()
+
+        def __call__(self, x, rng):  # noqa: ANN001, ANN204
+            seen.append((self.name, x.flags.c_contiguous))
+            return np.ascontiguousarray(x)
+
+    class ViewProbe(Probe):
+        name = "test_probe_views"
+        accepts_views = True
+
+    for cls in (Probe, ViewProbe):
+        register(cls)
+    try:
+        crop = ["decode_jpeg", {"op": "random_resized_crop", "size": 32}, "flip", "to_uint8_chw"]
+        for name in ("test_probe_contiguous", "test_probe_views"):
+            p = Pipeline([*crop, name])
+            whole = p.run(JPEG, key="k", seed=1, epoch=0)
+            assert np.array_equal(whole, p.run(JPEG, key="k", seed=1, epoch=0, stop=4))  # the same values
+            p.run(p.run(JPEG, key="k", seed=1, epoch=0, stop=4), key="k", seed=1, epoch=0, start=4)
+        assert seen == [("test_probe_contiguous", True), ("test_probe_contiguous", True),
+                        ("test_probe_views", False), ("test_probe_views", True)]
+    finally:
+        for cls in (Probe, ViewProbe):
+            unregister(cls.name)

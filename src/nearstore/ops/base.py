@@ -114,7 +114,9 @@ def registry() -> dict[str, type["Op"]]:
 
 class Op:
     """Base class. Subclasses set ``name``, ``inputs`` (accepted kinds), ``random`` and ``Params``;
-    ``version`` (reported by a node's ``capabilities``) and ``batched`` (it overrides ``run_batch``)."""
+    ``version`` (reported by a node's ``capabilities``) and ``batched`` (it overrides ``run_batch``);
+    ``accepts_views`` (its per-sample path reads arrays of any strides) and ``as_view`` (for an op that only
+    changes the layout: its output as a view)."""
 
     name: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]]
@@ -122,6 +124,7 @@ class Op:
     Params: ClassVar[type[OpParams]] = OpParams
     version: ClassVar[str] = "1"
     batched: ClassVar[bool] = False
+    accepts_views: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -154,6 +157,11 @@ class Op:
     def into(self, x: Any, rng: np.random.Generator | None, out: np.ndarray) -> None:
         """Run and write the result into ``out`` (a batch slot); ops override it to skip a copy."""
         out[...] = self(x, rng)
+
+    #: an op that only relabels the layout may define ``as_view(x, rng)``: its output with the same values as a
+    #: view of ``x``. A pipeline hands that view (no copy) to a following op with ``accepts_views`` in the same run;
+    #: wherever the output leaves the run (a split, the batch), the op runs as usual.
+    as_view: ClassVar[Any] = None
 
     def run_batch(self, xs: list, rngs: list[np.random.Generator | None], out: np.ndarray | list) -> None:
         """Run on a batch: ``xs[i]`` with ``rngs[i]`` -> ``out[i]`` (a slot of an array of the declared

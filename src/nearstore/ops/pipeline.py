@@ -46,6 +46,15 @@ class Stage:
     op: Op | None = None  # the op of a one-op stage (None for a fused stage)
 
     @property
+    def view(self) -> Callable[[Any, np.random.Generator | None], Any] | None:
+        """The op's ``as_view`` (its output as a view of its input, for a next stage that accepts views)."""
+        return None if self.op is None else self.op.as_view
+
+    @property
+    def accepts_views(self) -> bool:
+        return self.op is not None and self.op.accepts_views
+
+    @property
     def batched(self) -> bool:
         """Whether the stage runs once per batch (its op overrides ``run_batch``)."""
         return self.op is not None and self.op.batched
@@ -255,12 +264,14 @@ class Pipeline:
                        out: np.ndarray | None) -> None:
         """Per-sample stages, sample by sample; the segment's last output goes to ``out[s]`` when given."""
         final = segment[-1]
+        # a layout-only stage whose output goes straight on to a stage that reads views hands it a view
+        viewed = [st.view is not None and nxt.accepts_views for st, nxt in zip(segment, segment[1:])] + [False]
         for s in range(len(cur)):
             if errors[s] is not None:
                 continue
             x = cur[s]
             try:
-                for st in segment:
+                for k, st in enumerate(segment):
                     if st.start < first[s] or st.stop > end[s]:
                         continue
                     rng = rng_reused(seed, epoch, keys[s], st.rng_position) if st.rng_position is not None else None
@@ -268,6 +279,8 @@ class Pipeline:
                     if out is not None and st is final:
                         st.run_into(x, rng, out[s])
                         x = None
+                    elif viewed[k] and segment[k + 1].stop <= end[s]:
+                        x = st.view(x, rng)  # type: ignore[misc]
                     else:
                         x = st.fn(x, rng)
                     if timings is not None:
