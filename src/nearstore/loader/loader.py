@@ -322,7 +322,8 @@ class Loader:
                 fut.cancel()
 
     def _submit(self, epoch: int, index: int, share: np.ndarray) -> Future:
-        """Fetch on the I/O pool (up to ``prefetch`` batches ahead), then compute on the worker pool."""
+        """Fetch on the I/O pool (up to ``prefetch`` batches ahead), then compute on the worker pool (on the
+        I/O thread when the source ran every op)."""
         assert self._io is not None and self._pool is not None
         lo, hi = batch_bounds(index, len(share), self.batch_size)
         ids = share[lo:hi]
@@ -342,6 +343,13 @@ class Loader:
                 return
             try:
                 got, buf, seconds = ff.result()
+                if self._finished(got):  # no op left to run: bookkeeping only, here (no hand-off to a worker)
+                    batch = self._build(epoch, index, ids, got, buf, seconds)
+                    try:
+                        result.set_result(batch)
+                    except InvalidStateError:  # cancelled by the consumer
+                        pass
+                    return
                 cf = pool.submit(self._build, epoch, index, ids, got, buf, seconds)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer with its traceback
                 _settle(result, exc=exc)
@@ -350,6 +358,11 @@ class Loader:
 
         self._io.submit(fetch).add_done_callback(fetched)
         return result
+
+    def _finished(self, fetched: list[Fetched]) -> bool:
+        """Whether the source ran every op on every good sample of ``fetched``."""
+        ops, prefix = len(self.pipeline.ops), self.source.prefix
+        return all(f.error is not None or (prefix if f.prefix is None else f.prefix) == ops for f in fetched)
 
     def _build(self, epoch: int, index: int, ids: np.ndarray, fetched: list[Fetched], buf: Any,
                fetch_s: float) -> Batch:

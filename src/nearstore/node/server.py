@@ -367,7 +367,9 @@ class NodeServer(flight.FlightServerBase):
                     self.stats.wire_bytes += size
                     self.stats.payload_bytes += batch.column("data").buffers()[2].size
                     self.stats.link_wait_seconds += waited
-                if context.is_cancelled():
+                # a cancelled call stops before building more; not asked before the last batch (asking polls
+                # gRPC's completion queue while holding the GIL, and a cancelled call drops the batch anyway)
+                if pending and context.is_cancelled():
                     return
                 yield batch
         finally:
