@@ -191,7 +191,7 @@ def test_pipeline_json_round_trip():
 def test_region_decode_equals_full_decode_at_every_scale():
     import random
 
-    from nearstore.ops import jpeg
+    from nearstore.ops import _jpeg, jpeg
 
     rnd = random.Random(0)
     for i in range(6):
@@ -204,7 +204,10 @@ def test_region_decode_equals_full_decode_at_every_scale():
             for _ in range(8):
                 x, y = rnd.randrange(sw - 10), rnd.randrange(sh - 10)
                 rw, rh = rnd.randint(1, sw - x), rnd.randint(1, sh - y)
-                assert np.array_equal(jpeg.decode_region(data, m, x, y, rw, rh), full[y : y + rh, x : x + rw])
+                got = jpeg.decode_region(data, m, x, y, rw, rh)
+                assert got.flags.c_contiguous and np.array_equal(got, full[y : y + rh, x : x + rw])
+    with pytest.raises(ValueError, match="keep window x=0 y=0 w=5 h=5 lies outside the region x=1"):
+        _jpeg.decode_region(data, 8, 1, 1, 10, 10, False, 0, 0, 5, 5)
 
 
 def test_resize_is_torchs_antialiased_bilinear_in_hwc():

@@ -74,9 +74,11 @@ def resize_hwc(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
         return arr
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(arr))[None].permute(0, 3, 1, 2)  # numpy's [None] has stride 0
-    out = torch.nn.functional.interpolate(t, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
-    return out.permute(0, 2, 3, 1)[0].numpy()
+    src = np.ascontiguousarray(arr).reshape(1, *arr.shape).transpose(0, 3, 1, 2)
+    # the kernel F.interpolate(mode="bilinear", antialias=True, align_corners=False) calls, without its
+    # Python-level checks (held under the GIL, which the other worker threads then wait for)
+    out = torch._C._nn._upsample_bilinear2d_aa(torch.from_numpy(src), [out_h, out_w], False)
+    return out.numpy().transpose(0, 2, 3, 1)[0]
 
 
 @register

@@ -7,6 +7,10 @@
  * jpeg_skip_scanlines so pixels outside the region are not reconstructed.
  * The returned buffer is out_h rows of out_w RGB pixels; the wanted columns
  * start at x_skip (crop_scanline aligns the left edge to an iMCU boundary).
+ * With a keep window (kx, ky, kw, kh inside the region, in image coordinates)
+ * only that window is stored, as kh tight rows of kw pixels (x_skip 0): the
+ * rows around it are decoded into a small scratch buffer and dropped, so a
+ * caller that decodes a margin around what it needs gets a contiguous array.
  * CMYK and YCCK JPEGs (libjpeg-turbo has no conversion from them to RGB) are
  * decoded to CMYK and converted here exactly as Pillow does: Adobe's inverted
  * polarity ("CMYK;I"), then R = (255-K') - (255-C')(255-K')/255 with Pillow's
@@ -87,8 +91,18 @@ static PyObject *header(PyObject *self, PyObject *args) {
 
 static PyObject *decode_region(PyObject *self, PyObject *args) {
     Py_buffer buf;
-    int scale_num, x, y, w, h, fast = 0;
-    if (!PyArg_ParseTuple(args, "y*iiiii|p", &buf, &scale_num, &x, &y, &w, &h, &fast)) return NULL;
+    int scale_num, x, y, w, h, fast = 0, kx = -1, ky = -1, kw = -1, kh = -1;
+    if (!PyArg_ParseTuple(args, "y*iiiii|piiii", &buf, &scale_num, &x, &y, &w, &h, &fast, &kx, &ky, &kw, &kh))
+        return NULL;
+    int keep = kx >= 0;
+    if (!keep) {
+        kx = x, ky = y, kw = w, kh = h;
+    } else if (ky < y || kx < x || kw < 1 || kh < 1 || kx + kw > x + w || ky + kh > y + h) {
+        PyBuffer_Release(&buf);
+        PyErr_Format(PyExc_ValueError, "keep window x=%d y=%d w=%d h=%d lies outside the region x=%d y=%d w=%d h=%d",
+                     kx, ky, kw, kh, x, y, w, h);
+        return NULL;
+    }
     if (scale_num < 1 || scale_num > 16) {
         PyBuffer_Release(&buf);
         PyErr_SetString(PyExc_ValueError, "scale_num must be in 1..16");
@@ -99,7 +113,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     /* volatile: set after setjmp and read after a longjmp from libjpeg's error handler */
     PyObject *volatile out = NULL;
     unsigned char *volatile dst = NULL;
-    unsigned char *volatile four = NULL; /* CMYK rows before conversion */
+    unsigned char *volatile four = NULL; /* 32 decoded rows: CMYK before conversion, or around a keep window */
     const char *volatile problem = NULL;
     JDIMENSION out_w = 0, xoff = 0;
     int warnings = 0;
@@ -132,17 +146,21 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
                 jpeg_crop_scanline(&cinfo, &xoff, &out_w);
             }
             size_t row = (size_t)out_w * 3;
-            /* decode straight into the bytearray we return (no copy afterwards): allocate it with the GIL */
+            /* whole rows: decode straight into the bytearray we return (no copy afterwards); a keep window:
+               through a 32-row scratch buffer, copying out the window. Allocate the bytearray with the GIL */
+            size_t out_row = keep ? (size_t)kw * 3 : row;
+            size_t col = keep ? (size_t)(kx - (int)xoff) : 0; /* first kept column within a decoded row */
             Py_BLOCK_THREADS
-            out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(row * (size_t)h));
+            out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(out_row * (size_t)(keep ? kh : h)));
             if (!out) PyErr_Clear();
             Py_UNBLOCK_THREADS
-            if (cmyk && out) {
-                four = (unsigned char *)malloc((size_t)out_w * 4 * 32);
+            if (out && (cmyk || keep)) { /* CMYK rows before conversion, or rows around a keep window */
+                four = (unsigned char *)malloc((size_t)out_w * (cmyk ? 4 : 3) * 32);
             }
-            if (!out || (cmyk && !four)) {
+            if (!out || ((cmyk || keep) && !four)) {
                 problem = "memory";
             } else {
+                size_t px = cmyk ? 4 : 3; /* bytes per decoded pixel */
                 dst = (unsigned char *)PyByteArray_AS_STRING(out);
                 if (y > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y);
                 JSAMPROW rows[32];
@@ -151,12 +169,27 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
                     JDIMENSION left = (JDIMENSION)h - done, k, got;
                     if (left > 32) left = 32;
                     for (k = 0; k < left; k++)
-                        rows[k] = cmyk ? four + (size_t)out_w * 4 * k : dst + row * (done + k);
+                        rows[k] = (cmyk || keep) ? four + (size_t)out_w * px * k : dst + row * (done + k);
                     got = jpeg_read_scanlines(&cinfo, rows, left);
                     if (got == 0) break;
-                    if (cmyk) cmyk_rows_to_rgb(four, dst + row * done, (size_t)out_w * got);
+                    if (!keep) {
+                        if (cmyk) cmyk_rows_to_rgb(four, dst + row * done, (size_t)out_w * got);
+                        continue;
+                    }
+                    for (k = 0; k < got; k++) {
+                        int r = y + (int)(done + k); /* image row */
+                        if (r < ky || r >= ky + kh) continue;
+                        unsigned char *to = dst + out_row * (size_t)(r - ky);
+                        const unsigned char *from = four + (size_t)out_w * px * k;
+                        if (cmyk) {
+                            cmyk_rows_to_rgb(from + col * 4, to, (size_t)kw);
+                        } else {
+                            memcpy(to, from + col * 3, out_row);
+                        }
+                    }
                 }
                 warnings = (int)err.pub.num_warnings;
+                if (keep) out_w = (JDIMENSION)kw, xoff = (JDIMENSION)kx;
             }
         }
         jpeg_abort_decompress(&cinfo);
@@ -178,13 +211,14 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         }
         return NULL;
     }
-    return Py_BuildValue("(Niii)", out, (int)out_w, h, x - (int)xoff);
+    return Py_BuildValue("(Niii)", out, (int)out_w, keep ? kh : h, keep ? 0 : x - (int)xoff);
 }
 
 static PyMethodDef methods[] = {
     {"header", header, METH_VARARGS, "header(data) -> (width, height)"},
     {"decode_region", decode_region, METH_VARARGS,
-     "decode_region(data, scale_num, x, y, w, h, fast=False) -> (rgb_bytearray, out_w, out_h, x_skip)"},
+     "decode_region(data, scale_num, x, y, w, h, fast=False, kx=-1, ky=-1, kw=-1, kh=-1) -> "
+     "(rgb_bytearray, out_w, out_h, x_skip)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg", NULL, -1, methods};
