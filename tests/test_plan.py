@@ -105,9 +105,10 @@ def test_one_calibration_run_fits_the_overheads_and_the_cores_it_got():
 
 
 def test_choice_breaks_ties_within_the_measurement_noise():
-    def pred(split: int, rate: float, nbytes: float, stages: int) -> SplitPrediction:
+    def pred(split: int, rate: float, nbytes: float, stages: int, link: bool = True) -> SplitPrediction:
         return SplitPrediction(split=split, node_stages=[f"s{i}" for i in range(stages)], samples_per_s=rate,
-                               bottleneck="cpu", bytes_per_sample=nbytes, utilization={})
+                               bottleneck="cpu", bytes_per_sample=nbytes,
+                               utilization={"link0": nbytes * rate / 1e9} if link else {})
 
     preds = [pred(0, 930.0, 100e3, 0), pred(2, 1040.0, 150e3, 1), pred(4, 1030.0, 150e3, 3), pred(5, 1050.0, 600e3, 4)]
     k, reason = choose(preds)
@@ -118,6 +119,12 @@ def test_choice_breaks_ties_within_the_measurement_noise():
     k, reason = choose(preds, noise=0.08)
     assert k == 0 and "tied within 8%" in reason and "of those" not in reason  # split 0 moves the fewest bytes
     assert choose(preds, noise=0.0)[0] == 4
+    # an open link: bytes bind nothing, so a tie goes to the most stages on the nodes (split 5), then the fastest
+    open_link = [pred(p.split, p.samples_per_s, p.bytes_per_sample, len(p.node_stages), link=False) for p in preds]
+    k, reason = choose(open_link, noise=0.08)
+    assert k == 5 and "the link is open" in reason
+    open_link[-1] = pred(5, 900.0, 600e3, 4, link=False)  # now too slow to tie: the most on the nodes of the rest
+    assert choose(open_link, noise=0.08)[0] == 4
 
 
 @pytest.fixture(scope="module")

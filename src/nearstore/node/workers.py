@@ -220,8 +220,8 @@ class NodeWork:
         slowdown included, and the stage's own CPU, which other work on the machine does not inflate) and bytes
         out per stage.
 
-        One untimed pass over two samples first: it builds what ops build on first use (a network's engine),
-        which a long-running node pays once, not per sample.
+        Untimed passes first (``Pipeline.warm_up``): they build what ops build on first use (a network's engine)
+        and let a batched stage settle at this batch size, which a long-running node pays once, not per batch.
         """
         pipe = self.pipeline(ops)
         man = self.store.manifest
@@ -234,8 +234,8 @@ class NodeWork:
         read_s = time.perf_counter() - t0
         raw = float(sum(len(x) for x, _ in read))
         keys = [ref.key for _, ref in read]
-        if read:  # warm-up
-            pipe.run_batch([x for x, _ in read[:2]], keys=keys[:2], seed=0, epoch=0, out=[None] * len(read[:2]))
+        if read:
+            pipe.warm_up([x for x, _ in read], keys)
         cur: list = [x for x, _ in read]
         for st in pipe.stages:
             t = {st.name: 0.0}

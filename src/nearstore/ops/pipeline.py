@@ -192,6 +192,19 @@ class Pipeline:
             raise err
         return None if out is not None else box[0]
 
+    #: full passes over a profile's batch before timing it, when a stage runs batches: a network engine's first
+    #: runs at a new batch size are slow (memory planning, arena growth; measured 1.3-2x on this CPU for the
+    #: first two 16-sample passes after a 2-sample one), which a serving node pays once, not per batch
+    WARM_PASSES = 2
+
+    def warm_up(self, xs: Sequence[Any], keys: Sequence[str]) -> None:
+        """Run the ops untimed as a profile is about to: once over two samples (builds what ops build on first
+        use, such as a network's engine) and, when a stage runs batches, ``WARM_PASSES`` times over all."""
+        self.run_batch(xs[:2], keys=keys[:2], seed=0, epoch=0, out=[None] * len(xs[:2]))
+        if any(st.batched for st in self.stages):
+            for _ in range(self.WARM_PASSES):
+                self.run_batch(xs, keys=keys, seed=0, epoch=0, out=[None] * len(xs))
+
     def run_batch(
         self,
         xs: Sequence[Any],

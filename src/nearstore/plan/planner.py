@@ -6,7 +6,9 @@ What is measured (``measure``), once per plan:
   runs them (the ``profile`` action; a batched stage such as a network runs on
   the whole profiled batch), and the bytes after each stage;
 - on this host: seconds per sample of each stage, the same way;
-- per byte: the CPU a byte costs to send and to receive (crc32c and copies);
+- per byte: the CPU a byte costs to send and to receive, over the transport the
+  nodes use (rows packed with their crc32c, an Arrow Flight stream on
+  loopback, rows checked and copied into a batch);
 - the CPU sets (affinity) of this process and of every node on this machine,
   and how many effective cores a CPU of them gives (a VM's vCPUs may share);
 - at most ONE end-to-end run of the loader (``calibrate``), at the split the
@@ -34,8 +36,9 @@ placed by ``model.place``):
   threads cause), when a step time is given.
 
 ``choose`` takes the fastest split; predictions within the measurements'
-spread of it are a tie, won by the fewest bytes on the link, then the most
-stages on the nodes.
+spread of it are a tie, won over a capped link by the fewest bytes on it, and
+over an open link by the most stages on the nodes (the host's CPU is the
+training job's).
 """
 
 from __future__ import annotations
@@ -51,12 +54,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
+from pyarrow import flight
 
-from nearstore.core.checksum import crc32c
-from nearstore.core.errors import ConfigError
+from nearstore.core.errors import ChecksumError, ConfigError
 from nearstore.model.core import Resource, Stage, evaluate
 from nearstore.model.placement import Placement, Site, StageCost, place
 from nearstore.node.client import ClusterSource, node_client
+from nearstore.node.protocol import decode_rows, encode_rows, response_schema
 from nearstore.ops.base import Spec
 from nearstore.ops.image import worker_init
 from nearstore.ops.pipeline import Pipeline, input_spec_of
@@ -270,25 +275,33 @@ MIN_TIE, MAX_TIE = 0.03, 0.10
 
 
 def choose(preds: list[SplitPrediction], *, noise: float = 0.0) -> tuple[int, str]:
-    """The fastest split; among those it cannot tell from the fastest, the fewest bytes on the link, then
-    the most stages on the nodes.
+    """The fastest split; among those it cannot tell from the fastest, the one that spares the scarcer thing.
 
     Predictions within ``noise`` (the measurements' own spread, 3-10%) of the
-    fastest are a tie: then the split that leaves the link more headroom wins,
-    and among equal bytes the one that offloads more (the host's CPU is the
-    training job's).
+    fastest are a tie. Over a capped link (the predictions carry ``link*``
+    resources) the tie goes to the fewest bytes on the link (headroom where a
+    link is what binds), then to the most stages on the nodes; over an open
+    link bytes bind nothing, and it goes to the most stages on the nodes (the
+    host's CPU is the training job's), then to the fastest.
     """
     tie = min(MAX_TIE, max(MIN_TIE, noise))
     best = max(p.samples_per_s for p in preds)
     near = [p for p in preds if p.samples_per_s >= (1 - tie) * best]
-    pick = min(near, key=lambda p: (round(p.bytes_per_sample), -len(p.node_stages), -p.samples_per_s))
+    capped = any(r.startswith("link") for p in preds for r in p.utilization)
+    if capped:
+        pick = min(near, key=lambda p: (round(p.bytes_per_sample), -len(p.node_stages), -p.samples_per_s))
+    else:
+        pick = min(near, key=lambda p: (-len(p.node_stages), -p.samples_per_s))
     where = "+".join(pick.node_stages) if pick.node_stages else "nothing"
     others = ", ".join(f"split {p.split}: {p.samples_per_s:,.0f}/s ({p.bottleneck})" for p in preds if p is not pick)
     tied = [p for p in near if p is not pick]
     why = ""
-    if tied:
+    if tied and capped:
         fewer = all(round(pick.bytes_per_sample) < round(p.bytes_per_sample) for p in tied)
         because = "it moves the fewest bytes" if fewer else "it moves the fewest bytes and, of those, runs the most on the nodes"
+    elif tied:
+        because = "the link is open, and it runs the most on the nodes (the host's CPU is the training job's)"
+    if tied:
         why = (f"; tied within {tie:.0%} (the measurements' spread) with split(s) "
                f"{', '.join(str(p.split) for p in tied)}: {because}")
     reason = (f"split {pick.split} (nodes run {where}): {pick.samples_per_s:,.0f} samples/s predicted, "
@@ -299,19 +312,44 @@ def choose(preds: list[SplitPrediction], *, noise: float = 0.0) -> tuple[int, st
 # -- measuring -----------------------------------------------------------------------------------------
 
 
-def _per_byte_seconds() -> tuple[float, float]:
-    """(send, receive) CPU seconds per byte: a crc32c and a copy on each side, plus gRPC's copy."""
-    buf = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8)
-    dst = np.empty_like(buf)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        crc32c(buf)
-    crc = (time.perf_counter() - t0) / (3 * buf.nbytes)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        np.copyto(dst, buf)
-    copy = (time.perf_counter() - t0) / (3 * buf.nbytes)
-    return crc + 2 * copy, crc + 2 * copy
+class _Echo(flight.FlightServerBase):
+    """A loopback Flight server that streams one record batch of packed rows ``reps`` times per ticket."""
+
+    def __init__(self, batch: pa.RecordBatch, reps: int) -> None:
+        super().__init__("grpc://127.0.0.1:0")
+        self.batch, self.reps = batch, reps
+
+    def do_get(self, context, ticket):  # noqa: ANN001, ANN201, ARG002
+        return flight.GeneratorStream(self.batch.schema, (self.batch for _ in range(self.reps)))
+
+
+def _per_byte_seconds(row_bytes: int = 256 << 10, rows: int = 32, reps: int = 4) -> tuple[float, float]:
+    """(send, receive) CPU seconds per byte over the nodes' transport: rows packed with their crc32c
+    (``encode_rows``), an Arrow Flight stream on loopback, rows checked (``decode_rows``) and copied into a
+    batch. Both ends run in this process, so their CPU is counted together and split evenly; median of 3
+    streams of ``reps`` 8 MB messages after one untimed stream (a crc32c and a copy alone, out of a warm
+    cache, measure a third of what the stream costs: gRPC copies and frames every message)."""
+    payload = np.random.default_rng(0).integers(0, 255, row_bytes, dtype=np.uint8)
+    batch = encode_rows(response_schema("tensor", "uint8"), [(i, f"s{i}", 0, payload) for i in range(rows)])
+    dst = np.empty((rows, row_bytes), np.uint8)
+    server = _Echo(batch, reps)
+    try:
+        with flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+            def stream() -> float:
+                c0 = time.process_time()
+                for chunk in client.do_get(flight.Ticket(b"")):
+                    for i, row in enumerate(decode_rows(chunk.data)):
+                        if not row.crc_ok:
+                            raise ChecksumError("the planner's transport probe read a row whose crc32c differs")
+                        np.copyto(dst[i], row.value)
+                return time.process_time() - c0
+
+            stream()
+            cpu = float(np.median([stream() for _ in range(3)]))
+    finally:
+        server.shutdown()
+    per_byte = cpu / (reps * rows * row_bytes) / 2
+    return per_byte, per_byte
 
 
 def _burn(reps: int) -> float:
@@ -359,11 +397,11 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 
 
 def _host_stage_seconds(pipeline: Pipeline, raw: list, rounds: int = 3) -> list[float]:
-    """Seconds per sample of each stage on this host (median of ``rounds`` passes over ``raw``, after an
-    untimed pass over two samples that builds what ops build on first use, a network's engine)."""
+    """Seconds per sample of each stage on this host (median of ``rounds`` passes over ``raw``, after the
+    untimed passes a node's profile makes too: ``Pipeline.warm_up``)."""
     keys = [f.key for f in raw]
     xs = [f.data for f in raw]
-    _stage_seconds(pipeline, xs[:2], keys[:2])
+    pipeline.warm_up(xs, keys)
     per_round = [_stage_seconds(pipeline, xs, keys) for _ in range(rounds)]
     return [float(np.median([r[i] for r in per_round])) for i in range(len(pipeline.stages))]
 
