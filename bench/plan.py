@@ -58,6 +58,10 @@ SCENARIOS: dict[str, tuple] = {
     "resnet50, 10 MB/s, 2 nodes, separate": ("synth", "resnet50", 10.0, 2, 1.0, "separate", None),
 }
 QUICK = ["images, 25 MB/s, 2 nodes, shared", "mobilenet_v2, 2 MB/s, 2 nodes, shared"]
+#: untimed batches before a split's window opens: the loader's read-ahead (prefetch 4 + 2 workers) once, plus
+#: one. Requests in flight at start-up all began together and finish in a clump; with 3 warm-up batches a slow,
+#: link-bound split (9 timed batches) measured up to 9% above its link's cap
+WARMUP_BATCHES = 7
 NET_SIZE = 112  # network input side: small enough that 2 CPUs measure every split in seconds
 
 
@@ -89,9 +93,9 @@ def run_scenario(store: Path, name: str, *, rounds: int, seconds: float) -> dict
         runs: dict[int, list[dict]] = {k: [] for k in order}
         for rnd in range(rounds):
             for k in (order if rnd % 2 == 0 else order[::-1]):
-                n = int(min(4096, max(8 * batch, rate[k] * seconds)))  # long enough that read-ahead is noise
+                n = int(min(4096, max(8 * batch, rate[k] * seconds)))
                 runs[k].append(emulated_training(c.spec, pipeline=pipe, split=k, step_time=step or 0.0,
-                                                 samples=n, batch_size=batch, warmup_batches=3))
+                                                 samples=n, batch_size=batch, warmup_batches=WARMUP_BATCHES))
     rows = []
     for pr in p.predictions:
         rs = runs[pr.split]
