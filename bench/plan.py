@@ -105,7 +105,12 @@ def run_scenario(store: Path, name: str, *, rounds: int, seconds: float) -> dict
                      "measured_rounds": [r["samples_per_s"] for r in rs],
                      "error": pr.samples_per_s / measured - 1 if measured else None,
                      "bytes_per_sample_predicted": pr.bytes_per_sample,
-                     "bytes_per_sample_measured": rs[-1]["bytes_per_sample"], "au": rs[-1]["au"]})
+                     "bytes_per_sample_measured": rs[-1]["bytes_per_sample"], "au": rs[-1]["au"],
+                     # where the measured run's limit was: cores each side kept busy, the busiest link's use
+                     "node_cpu_busy": [sum(r["node_cpu_busy"][i] for r in rs) / len(rs) for i in range(nodes)],
+                     "host_cpu_busy": sum(r["host_cpu_busy"] for r in rs) / len(rs),
+                     "link_utilization": (sum(r["link_utilization"] for r in rs) / len(rs)
+                                          if rs[-1]["link_utilization"] is not None else None)})
     best = max(r["measured"] for r in rows)
     chosen = next(r for r in rows if r["split"] == p.choice)
     m = p.measurements

@@ -97,6 +97,7 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
                 continue
             if t_first is None:
                 t_first = now  # the warm-up steps' waits (start-up, prefetch) are excluded
+                cpu0, host0 = _node_stats(spec), time.process_time()
                 wire0 = source.wire_bytes
                 node0 = dict(source.wire_by_node)
                 first_step = run_step(batch)
@@ -109,6 +110,10 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
             if seen >= samples:
                 break
         wall = t_prev - t_first - first_step  # the window opens with the first timed step, whose samples are not counted
+        # cores each side kept busy over the window (CPU time: an emulated slowdown's idling does not count)
+        host_busy = (time.process_time() - host0) / (t_prev - t_first) if t_prev > t_first else 0.0
+        node_busy = [(a["cpu_seconds"] - b["cpu_seconds"]) / (t_prev - t_first) if t_prev > t_first else 0.0
+                     for a, b in zip(_node_stats(spec), cpu0)]
         wire = source.wire_bytes - wire0
         received = (source.wire_bytes, source.samples_received)
         node_wire = [source.wire_by_node[ep.node] - node0[ep.node] for ep in spec.nodes]
@@ -143,6 +148,8 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
         "link_utilization_per_node": per_node,
         "node_stage_seconds": node_ops,
         "host_stage_seconds": host_ops,
+        "node_cpu_busy": node_busy,
+        "host_cpu_busy": host_busy,
     }
 
 
