@@ -221,6 +221,19 @@ def test_a_batched_op_declares_its_cost_and_runs_once_per_batch():
     assert [st.batched for st in PIPE.stages] == [False, False, False, False, True]
 
 
+def test_warm_up_runs_a_batched_stage_over_the_whole_batch_before_a_profile(monkeypatch):
+    calls: list[int] = []
+    real = _BatchedScale.run_batch
+    monkeypatch.setattr(_BatchedScale, "run_batch", lambda self, xs, rngs, out: (calls.append(len(xs)),
+                                                                                   real(self, xs, rngs, out)))
+    jpegs = [synth_image(i, 3) for i in range(6)]
+    PIPE.warm_up(jpegs, [f"k{i}" for i in range(6)])
+    assert calls == [2] + [6] * Pipeline.WARM_PASSES  # the first use, then the batch size a profile will time
+    calls.clear()
+    Pipeline(PIPE.to_json()[:-1]).warm_up(jpegs, [f"k{i}" for i in range(6)])  # no batched stage: one small pass
+    assert calls == []
+
+
 @pytest.mark.parametrize("starts,stops", [(0, 6), ([0, 2, 3, 4, 5, 6], 6), (0, [0, 2, 3, 4, 5, 6]),
                                           ([0, 0, 2, 2, 4, 5], [2, 6, 3, 6, 6, 6])])
 def test_run_batch_with_per_sample_splits_equals_one_sample_at_a_time(starts, stops):

@@ -14,7 +14,7 @@ import pytest
 from nearstore import Loader, standard_train
 from nearstore.node import LocalCluster
 from nearstore.plan import Measurements, SplitPrediction, plan, predict
-from nearstore.plan.planner import choose, cpu_sets, fit, modeled_cpu
+from nearstore.plan.planner import _per_byte_seconds, choose, cpu_sets, fit, modeled_cpu
 from nearstore.store.ingest import ingest
 from nearstore.store.synth import SynthSpec, synth_folder
 
@@ -125,6 +125,11 @@ def test_choice_breaks_ties_within_the_measurement_noise():
     assert k == 5 and "the link is open" in reason
     open_link[-1] = pred(5, 900.0, 600e3, 4, link=False)  # now too slow to tie: the most on the nodes of the rest
     assert choose(open_link, noise=0.08)[0] == 4
+
+
+def test_per_byte_costs_come_from_a_real_loopback_stream():
+    send, recv = _per_byte_seconds(row_bytes=64 << 10, rows=8, reps=2)  # 1 MB streams: a smoke test
+    assert send == recv and 1e-12 < send < 1e-7  # a stream moves bytes at 10 MB/s to 1 TB/s of CPU per side
 
 
 @pytest.fixture(scope="module")
