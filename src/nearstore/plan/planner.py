@@ -35,10 +35,9 @@ placed by ``model.place``):
 - ``accelerator``: mean batch / (step time + the wake-up lag the loader's
   threads cause), when a step time is given.
 
-``choose`` takes the fastest split; predictions within the measurements'
-spread of it are a tie, won over a capped link by the fewest bytes on it, and
-over an open link by the most stages on the nodes (the host's CPU is the
-training job's).
+``choose`` takes the fastest split; over a capped link, predictions within
+the measurements' spread of it are a tie, won by the fewest bytes on the link,
+then the most stages on the nodes.
 """
 
 from __future__ import annotations
@@ -274,33 +273,32 @@ MIN_TIE, MAX_TIE = 0.03, 0.10
 
 
 def choose(preds: list[SplitPrediction], *, noise: float = 0.0) -> tuple[int, str]:
-    """The fastest split; among those it cannot tell from the fastest, the one that spares the scarcer thing.
+    """The fastest split; over a capped link, among those it cannot tell from the fastest, the fewest bytes.
 
-    Predictions within ``noise`` (the measurements' own spread, 3-10%) of the
-    fastest are a tie. Over a capped link (the predictions carry ``link*``
-    resources) the tie goes to the fewest bytes on the link (headroom where a
-    link is what binds), then to the most stages on the nodes; over an open
-    link bytes bind nothing, and it goes to the most stages on the nodes (the
-    host's CPU is the training job's), then to the fastest.
+    Over a capped link (the predictions carry ``link*`` resources),
+    predictions within ``noise`` (the measurements' own spread, 3-10%) of the
+    fastest are a tie, won by the fewest bytes on the link (headroom where a
+    link is what binds), then by the most stages on the nodes (the host's CPU
+    is the training job's). Over an open link bytes bind nothing and the
+    fastest prediction, the best estimate there is, wins (in four recorded
+    accuracy runs, 46 of 52 choices within 5% of the best measured split,
+    against 44 for breaking those ties on bytes or on stages too).
     """
     tie = min(MAX_TIE, max(MIN_TIE, noise))
     best = max(p.samples_per_s for p in preds)
-    near = [p for p in preds if p.samples_per_s >= (1 - tie) * best]
     capped = any(r.startswith("link") for p in preds for r in p.utilization)
-    if capped:
+    near = [p for p in preds if p.samples_per_s >= (1 - tie) * best] if capped else []
+    if near:
         pick = min(near, key=lambda p: (round(p.bytes_per_sample), -len(p.node_stages), -p.samples_per_s))
     else:
-        pick = min(near, key=lambda p: (-len(p.node_stages), -p.samples_per_s))
+        pick = max(preds, key=lambda p: p.samples_per_s)
     where = "+".join(pick.node_stages) if pick.node_stages else "nothing"
     others = ", ".join(f"split {p.split}: {p.samples_per_s:,.0f}/s ({p.bottleneck})" for p in preds if p is not pick)
     tied = [p for p in near if p is not pick]
     why = ""
-    if tied and capped:
+    if tied:
         fewer = all(round(pick.bytes_per_sample) < round(p.bytes_per_sample) for p in tied)
         because = "it moves the fewest bytes" if fewer else "it moves the fewest bytes and, of those, runs the most on the nodes"
-    elif tied:
-        because = "the link is open, and it runs the most on the nodes (the host's CPU is the training job's)"
-    if tied:
         why = (f"; tied within {tie:.0%} (the measurements' spread) with split(s) "
                f"{', '.join(str(p.split) for p in tied)}: {because}")
     reason = (f"split {pick.split} (nodes run {where}): {pick.samples_per_s:,.0f} samples/s predicted, "
