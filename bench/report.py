@@ -66,13 +66,17 @@ def nodes_table(path: Path) -> str:
 def plan_table(path: Path) -> str:
     d = json.loads(path.read_text())
     lines = ["| scenario | split | on the nodes | predicted samples/s (bottleneck) | measured samples/s | error | "
-             "chosen |", "|---|---|---|---|---|---|---|"]
+             "measured: cores busy nodes / host, link use | chosen |", "|---|---|---|---|---|---|---|---|"]
     for sc in d["scenarios"]:
         for r in sc["splits"]:
             chosen = "**yes**" if r["split"] == sc["choice"] else ""
+            busy = "-"
+            if "host_cpu_busy" in r:  # recorded since run j
+                link = f", {r['link_utilization']:.0%}" if r.get("link_utilization") is not None else ""
+                busy = f"{sum(r['node_cpu_busy']):.2f} / {r['host_cpu_busy']:.2f}{link}"
             lines.append(f"| {sc['name']} | {r['split']} | {'+'.join(r['node_stages']) or '-'} | "
                          f"{r['predicted']:.1f} ({r['predicted_bottleneck']}) | {r['measured']:.1f} | "
-                         f"{r['error']:+.1%} | {chosen} |")
+                         f"{r['error']:+.1%} | {busy} | {chosen} |")
     lines += ["", "| scenario | chosen split | its measured samples/s | best measured | within 5% of best | "
               "max abs error | calibration runs (split) | planning s (nodes' profiling) | within budget |",
               "|---|---|---|---|---|---|---|---|---|"]
