@@ -114,7 +114,7 @@ def streaming_bench(workdir: Path, *, n: int = 512, epochs: int = 3, batch_size:
     # the headline is a real run: the process run at the median (its samples, bytes and seconds agree with it)
     headline = min((r for r in runs if r["worker_kind"] == "process"), key=lambda r: abs(r["gb_per_s"] - med["process"]))
     return {**headline, "thread_gb_per_s": med["thread"], "process_over_thread": headline["gb_per_s"] / med["thread"],
-            "runs": runs, "goal": {"gb_per_s >= 1.0": headline["gb_per_s"] >= 1.0}}
+            "runs": runs, "goal": {"gb_per_s >= 1.1": headline["gb_per_s"] >= 1.1}}
 
 
 def run_all(*, quick: bool, progress: Callable[[str], None] | None = None) -> dict:
