@@ -813,7 +813,7 @@ class ClusterSource:
             return {"failovers": [dict(e) for e in self.failovers], "refetched": self.refetched,
                     "rejoined": list(self.rejoined), "down": {n: why for n, (_, why) in self._down.items()},
                     "hedges": [dict(e) for e in self.hedges], "slow": sorted(self._slow),
-                    "placements": list(self.placements),
+                    "placements": list(self.placements), "endpoints": dict(self._uris),  # where it asks each node now
                     "hedge_after_s": self.latencies.deadline(), "hedge_silence_s": self.latencies.silence()}
 
     def close(self) -> None:
