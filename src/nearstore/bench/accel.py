@@ -111,9 +111,9 @@ def emulated_training(spec: ClusterSpec, *, pipeline: Pipeline, split: int | str
                 break
         wall = t_prev - t_first - first_step  # the window opens with the first timed step, whose samples are not counted
         # cores each side kept busy over the window (CPU time: an emulated slowdown's idling does not count)
-        host_busy = (time.process_time() - host0) / (t_prev - t_first) if t_prev > t_first else 0.0
-        node_busy = [(a["cpu_seconds"] - b["cpu_seconds"]) / (t_prev - t_first) if t_prev > t_first else 0.0
-                     for a, b in zip(_node_stats(spec), cpu0)]
+        span = max(t_prev - t_first, 1e-9)
+        host_busy = (time.process_time() - host0) / span
+        node_busy = [(a["cpu_seconds"] - b["cpu_seconds"]) / span for a, b in zip(_node_stats(spec), cpu0)]
         wire = source.wire_bytes - wire0
         received = (source.wire_bytes, source.samples_received)
         node_wire = [source.wire_by_node[ep.node] - node0[ep.node] for ep in spec.nodes]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 import math
 from typing import Annotated
 
@@ -21,15 +20,10 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from nearstore.core.errors import SampleDecodeError
+from nearstore.ops import _image
 from nearstore.ops.base import Op, OpParams, Spec, register
 from nearstore.ops.jpeg import JpegError, decode_region, header, scaled_size
 
-try:
-    from nearstore.ops import _image
-except ImportError:  # a checkout built before this extension existed: same bits on a slower numpy path
-    _image = None
-    logging.getLogger(__name__).warning("nearstore.ops._image is not built (pip install -e . builds it); "
-                                        "normalize runs on a slower numpy path")
 
 __all__ = [
     "DecodeJpeg",
@@ -393,9 +387,7 @@ class Normalize(Op):
     def into(self, x: np.ndarray, rng: np.random.Generator | None, out: np.ndarray) -> None:
         # one table look-up pass from any strides (a flipped view; read-only received buffers too) into the
         # slot: a cast and two arithmetic passes over 600 KB of float32 cost ~3x as much, for the same bits
-        if _image is None:
-            out[...] = self._lut[np.arange(3)[:, None, None], x]
-        elif out.dtype == np.float32 and out.flags.c_contiguous:
+        if out.dtype == np.float32 and out.flags.c_contiguous:
             _image.lut_planes(x, self._lut, out)
         else:
             tmp = np.empty(x.shape, np.float32)

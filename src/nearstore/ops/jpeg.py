@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -13,13 +12,6 @@ from nearstore.ops import _jpeg
 __all__ = ["JpegError", "header", "decode_region", "scaled_size", "to_jpeg", "CONVERT_QUALITY"]
 
 JpegError = _jpeg.DecodeError
-
-#: whether the built extension takes a keep window (older builds return the margin too: the same pixels, sliced)
-_KEEP = "kx=" in (_jpeg.decode_region.__doc__ or "")
-if not _KEEP:
-    logging.getLogger(__name__).warning("nearstore.ops._jpeg is an older build (pip install -e . rebuilds it); "
-                                        "decoded regions take a slower path")
-
 
 def header(data: bytes) -> tuple[int, int]:
     """(width, height) of a JPEG from its header; raises JpegError if it is not one."""
@@ -49,13 +41,9 @@ def decode_region(data: bytes, scale_num: int, x: int, y: int, w: int, h: int, *
         full = scaled_size(*header(data), scale_num)
     x0, y0 = max(0, x - _MARGIN), max(0, y - _MARGIN)
     x1, y1 = min(full[0], x + w + _MARGIN), min(full[1], y + h + _MARGIN)
-    if _KEEP:  # the extension keeps only (x, y, w, h) of what it decodes: contiguous, no strided copy later
-        buf, out_w, out_h, _ = _jpeg.decode_region(data, scale_num, x0, y0, x1 - x0, y1 - y0, False, x, y, w, h)
-        return np.frombuffer(buf, np.uint8).reshape(out_h, out_w, 3)
-    buf, out_w, out_h, skip = _jpeg.decode_region(data, scale_num, x0, y0, x1 - x0, y1 - y0)
-    arr = np.frombuffer(buf, np.uint8).reshape(out_h, out_w, 3)
-    left = skip + (x - x0)
-    return arr[y - y0 : y - y0 + h, left : left + w]
+    # the extension keeps only (x, y, w, h) of what it decodes: contiguous, no strided copy later
+    buf, out_w, out_h, _ = _jpeg.decode_region(data, scale_num, x0, y0, x1 - x0, y1 - y0, False, x, y, w, h)
+    return np.frombuffer(buf, np.uint8).reshape(out_h, out_w, 3)
 
 
 CONVERT_QUALITY = 95
