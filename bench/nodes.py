@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nearstore.bench.nodes import run_all, streaming_bench
+from nearstore.bench.nodes import run_all, streaming_bench, streaming_params
 from nearstore.bench.plots import plot_sweep
 
 
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.streaming_only:  # a re-check of one figure, without the sweep
         with tempfile.TemporaryDirectory() as tmp:
-            res = {"streaming": streaming_bench(Path(tmp), n=128 if args.quick else 512,
-                                                epochs=8 if args.quick else 12, rounds=1 if args.quick else 3)}
+            res = {"streaming": streaming_bench(Path(tmp), **streaming_params(args.quick))}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1))
         print(f"uncapped uint8 streaming: {res['streaming']['gb_per_s']:.2f} GB/s")

@@ -15,6 +15,7 @@ from nearstore import Loader, standard_train
 from nearstore.core.errors import ConfigError, ResumeStateError
 from nearstore.loader import SampleError
 from nearstore.loader.torch import TorchLoader
+from nearstore.node.client import REQUEST_BYTES
 from nearstore.store import Manifest, Store, node_dir_name
 
 PIPE = standard_train(64)
@@ -288,3 +289,39 @@ def test_elastic_state_can_be_saved_again(store):
         ld.load_state_dict(states[2])
         seen += [i for bt in ld for i in bt.ids.tolist()]
     assert sorted(seen) == list(range(48))
+
+
+@pytest.mark.parametrize("stop_after", [0, 2, 3, 5])
+def test_batches_fetched_in_groups_are_the_same_batches(store, cluster, stop_after):
+    """Over an open link a request carries several batches (``batches_per_fetch``): same batches, same bits,
+    in the same order as one batch per request and as the local loader, across an epoch's end (6 batches in
+    groups of 4: 4 + 2) and when resumed from inside a group."""
+    with loader(store) as local:
+        want = digest(local) + digest(local)
+    with loader(None, cluster=cluster, split="node", prefetch=8) as grouped:
+        assert grouped.batches_per_fetch == 4  # 4 of tiny batches per request, at most half of prefetch 8
+        it = grouped.epochs(2)
+        got = [next(it) for _ in range(stop_after)]
+        state = json.loads(json.dumps(grouped.state_dict()))
+        it.close()
+    with loader(None, cluster=cluster, split="node", prefetch=8) as resumed:
+        resumed.load_state_dict(state)
+        rest = list(resumed.epochs(2))
+    assert digest(got) + digest(rest)[: len(want) - stop_after] == want
+    with loader(None, cluster=cluster, split="node", prefetch=1) as single:
+        assert single.batches_per_fetch == 1
+        assert digest(single) == want[:6]
+
+
+def test_batches_per_fetch_follows_the_link_and_the_request_size(store, cluster):
+    with loader(None, cluster=cluster, split="node") as ld:
+        src = ld.source
+        per_node = 8 * src._per_sample / 2
+        assert src.batches_per_fetch(8) == round(REQUEST_BYTES / per_node) > 2
+        assert src.batches_per_fetch(1 << 20) == 1  # a batch already larger than a request
+        assert ld.batches_per_fetch == 2  # default prefetch 4: two requests always in flight
+    with loader(store, prefetch=8) as local:
+        assert local.batches_per_fetch == 1  # a local read has no per-request cost
+    capped = cluster.spec.model_copy(update={"link_mbps": 100.0})
+    with loader(None, cluster=capped, split="node", prefetch=8) as ld:
+        assert ld.batches_per_fetch == 1  # a capped link: one batch per request keeps it evenly busy

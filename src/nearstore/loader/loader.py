@@ -112,7 +112,8 @@ class Loader:
     Keyword-only configuration, checked here: ``batch_size``, ``seed``,
     ``shuffle``, ``rank``/``world_size`` with ``remainder`` ('pad' or 'drop'),
     ``drop_last`` (a short last batch), ``workers`` (host threads), ``prefetch``
-    (batches in flight), ``on_error`` ('raise' or 'skip': skipped samples are
+    (batches in flight; a cluster over an open link is asked for several
+    consecutive batches per request, ``batches_per_fetch``), ``on_error`` ('raise' or 'skip': skipped samples are
     counted in ``stats``). With ``cluster``, ``split`` says how many ops run on
     the nodes: an op index, 'host', 'node', 'auto' (the planner chooses), or a
     function from sample ids to one split per sample. Each batch runs its
@@ -178,6 +179,9 @@ class Loader:
         self._io: ThreadPoolExecutor | None = None
         # batch memory, reused once the consumer drops a batch: no page faults per batch
         self._memory = BlockPool(HeapBlock, keep=prefetch + workers + 2)
+        # batches per request to the source: several when each request has a fixed cost worth sharing (nodes
+        # over an open link), at most half the read-ahead so that two requests are always in flight
+        self.batches_per_fetch = max(1, min(self.source.batches_per_fetch(batch_size), prefetch // 2))
 
     def stats_snapshot(self) -> dict:
         """``stats.as_dict()`` read consistently while batches are being built."""
@@ -289,20 +293,31 @@ class Loader:
 
         todo = positions()
         pending: deque[tuple[Future, int]] = deque()
+        group = self.batches_per_fetch
+        upcoming = next(todo, None)
+
+        def refill() -> None:
+            """Submit fetches of ``group`` consecutive batches (fewer at an epoch's end) while that many
+            prefetch slots are free, so the source is asked for whole groups, not one batch at a time."""
+            nonlocal upcoming
+            while upcoming is not None and self.prefetch - len(pending) >= min(group, self.prefetch):
+                e, j, share, total = upcoming
+                indices = [j]
+                upcoming = next(todo, None)
+                while len(indices) < group and upcoming is not None and upcoming[0] == e:
+                    indices.append(upcoming[1])
+                    upcoming = next(todo, None)
+                pending.extend((fut, total) for fut in self._submit(e, indices, share))
+
         t_start = time.perf_counter()
         try:
-            for e, j, share, total in todo:
-                pending.append((self._submit(e, j, share), total))
-                if len(pending) >= self.prefetch:
-                    break
+            refill()
             while pending:
                 fut, total = pending.popleft()
                 t0 = time.perf_counter()
                 batch = fut.result()
                 waited = time.perf_counter() - t0
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append((self._submit(nxt[0], nxt[1], nxt[2]), nxt[3]))
+                refill()
                 if batch.index + 1 < total:
                     self.epoch, self._batches_done = batch.epoch, batch.index + 1
                 else:
@@ -321,13 +336,14 @@ class Loader:
             for fut, _ in pending:
                 fut.cancel()
 
-    def _submit(self, epoch: int, index: int, share: np.ndarray) -> Future:
-        """Fetch on the I/O pool (up to ``prefetch`` batches ahead), then compute on the worker pool (on the
-        I/O thread when the source ran every op)."""
+    def _submit(self, epoch: int, indices: list[int], share: np.ndarray) -> list[Future]:
+        """Fetch batches ``indices`` (consecutive, of one epoch) in one request to the source, on the I/O pool
+        (up to ``prefetch`` batches ahead), then compute each on the worker pool (on the I/O thread when the
+        source ran every op). One future per batch."""
         assert self._io is not None and self._pool is not None
-        lo, hi = batch_bounds(index, len(share), self.batch_size)
-        ids = share[lo:hi]
-        result: Future = Future()
+        bounds = [batch_bounds(i, len(share), self.batch_size) for i in indices]
+        ids = share[bounds[0][0] : bounds[-1][1]]
+        results: list[Future] = [Future() for _ in indices]
         pool = self._pool
 
         def fetch() -> tuple[list[Fetched], Any, float]:
@@ -339,25 +355,35 @@ class Loader:
             return got, buf, time.perf_counter() - t0
 
         def fetched(ff: Future) -> None:
-            if result.cancelled():
-                return
             try:
                 got, buf, seconds = ff.result()
-                if self._finished(got):  # no op left to run: bookkeeping only, here (no hand-off to a worker)
-                    batch = self._build(epoch, index, ids, got, buf, seconds)
-                    try:
-                        result.set_result(batch)
-                    except InvalidStateError:  # cancelled by the consumer
-                        pass
-                    return
-                cf = pool.submit(self._build, epoch, index, ids, got, buf, seconds)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer with its traceback
-                _settle(result, exc=exc)
+                for result in results:
+                    _settle(result, exc=exc)
                 return
-            cf.add_done_callback(lambda c: _settle(result, source=c))
+            base = bounds[0][0]
+            for index, (lo, hi), result in zip(indices, bounds, results):
+                if result.cancelled():
+                    continue
+                # this batch's part of the request: its samples and its slice of the shared buffer (a view)
+                part, part_buf = got[lo - base : hi - base], buf[lo - base : hi - base]
+                part_ids, part_s = share[lo:hi], seconds * (hi - lo) / len(ids)
+                try:
+                    if self._finished(part):  # no op left to run: bookkeeping only, here (no hand-off to a worker)
+                        batch = self._build(epoch, index, part_ids, part, part_buf, part_s)
+                        try:
+                            result.set_result(batch)
+                        except InvalidStateError:  # cancelled by the consumer
+                            pass
+                        continue
+                    cf = pool.submit(self._build, epoch, index, part_ids, part, part_buf, part_s)
+                except BaseException as exc:  # noqa: BLE001 - handed to the consumer with its traceback
+                    _settle(result, exc=exc)
+                    continue
+                cf.add_done_callback(lambda c, result=result: _settle(result, source=c))
 
         self._io.submit(fetch).add_done_callback(fetched)
-        return result
+        return results
 
     def _finished(self, fetched: list[Fetched]) -> bool:
         """Whether the source ran every op on every good sample of ``fetched``."""

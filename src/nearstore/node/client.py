@@ -47,6 +47,8 @@ __all__ = ["NodeUnavailableError", "NodeRequestError", "NodeClient", "ClusterSou
 log = logging.getLogger(__name__)
 MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES = 2 << 20, 8 << 20
 MESSAGE_SECONDS = 0.02  # a record batch is about this much time on a capped link
+#: on an open link, a request asks each node for about this many bytes (``ClusterSource.batches_per_fetch``)
+REQUEST_BYTES = 16 << 20
 
 
 def message_bytes(link_mbps: float | None) -> int:
@@ -353,6 +355,7 @@ class ClusterSource:
         splits = pipeline.valid_splits if callable(split) else [self.prefix]
         per_sample = max(specs[k].bytes for k in splits) or 1.0
         self._rows_per_message = max(1, int(message_bytes(cluster.link_mbps) // per_sample))
+        self._per_sample = per_sample
         self._firsts = np.array([s.first for s in self.manifest.shards], np.int64)
         # + 2 per node: a hedged request's primary may sit on a thread until its node answers again
         self._io = ThreadPoolExecutor(max(1, (streams_per_node + 2) * len(self.clients)),
@@ -459,6 +462,17 @@ class ClusterSource:
             "Restart them (`nearstore up STORE`), or ingest with more --replicas")
 
     # -- fetching ----------------------------------------------------------------------
+    def batches_per_fetch(self, batch_size: int) -> int:
+        """Loader batches per ``fetch``. Each request costs a node and the loader about 2-3 ms of CPU whatever
+        its size (a gRPC call, a ticket, a worker task: measured on loopback), which on an open link, where
+        CPU is the limit, is a tenth of a 64-sample batch of 224x224 uint8 from 2 nodes; so there a request
+        asks each node for about ``REQUEST_BYTES``. On a capped link the link is the limit: one batch per
+        request keeps it evenly busy."""
+        if self.cluster.link_mbps:
+            return 1
+        per_node = batch_size * self._per_sample / len(self.clients)
+        return max(1, round(REQUEST_BYTES / per_node))
+
     def fetch(self, ids: np.ndarray, *, epoch: int, seed: int = 0, into: np.ndarray | None = None) -> list[Fetched]:
         """The samples ``ids``, each from a node that holds it (a replica when a copy is bad or a node is down).
 

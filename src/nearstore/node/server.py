@@ -45,7 +45,7 @@ from nearstore.node.protocol import parse_ticket, wire_bytes
 from nearstore.node.spec import read_token_file, token_from_env
 from nearstore.node.workers import WORKER_KINDS, NodeWork, WorkerCrashedError, WorkerKind, WorkerPool
 from nearstore.ops.base import registry
-from nearstore.ops.pipeline import Pipeline, input_spec_of
+from nearstore.ops.pipeline import Pipeline
 from nearstore.ops.plugins import import_errors, load_op_modules, op_origins
 from nearstore.store.scrub import node_repair, node_scrub, node_shard_index
 
@@ -323,7 +323,7 @@ class NodeServer(flight.FlightServerBase):
         if log.isEnabledFor(logging.DEBUG):  # context.peer() is not free: only when the line is written
             log.debug("node %s: %d samples, %d ops, epoch %d, from %s", self.node_id, len(ids), len(t.ops), t.epoch,
                       context.peer())
-        specs = self.work.pipeline(t.ops).declare(input_spec_of(self.store.manifest))
+        specs = self.work.specs(t.ops)
         per_row = max(specs[k].bytes for k in set(t.prefix_of())) if ids else 1.0  # the largest rows it sends
         rows = max(1, min(t.batch_size, int(MAX_MESSAGE_BYTES // (per_row or 1.0))))
         return flight.GeneratorStream(schema, self._stream(t.ops, t.seed, t.epoch, ids, t.prefixes, rows, context,

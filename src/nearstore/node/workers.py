@@ -81,33 +81,42 @@ class NodeWork:
         self._cpu = time.process_time if cpu_clock == "process" else time.thread_time
         self._costs: dict[str, collections.deque] = {}  # per op chain: recent batches' CPU seconds per sample
         self.memory_bytes = memory_bytes  # None: what the machine has available when a ticket arrives
-        self._pipelines: dict[str, Pipeline] = {}
+        self._pipelines: dict[str, tuple[Pipeline, list, pa.Schema]] = {}
         self._lock = threading.Lock()
 
-    def pipeline(self, ops: list[dict | str]) -> Pipeline:
-        """The validated pipeline for ``ops`` (cached; kind errors raise before any work)."""
+    def _compiled(self, ops: list[dict | str]) -> tuple[Pipeline, list, pa.Schema]:
+        """The validated pipeline for ``ops``, its declared specs on this store and its response schema,
+        built once per op chain (every request and every task asks: their cost is per request, not per byte)."""
         key = json.dumps(ops, sort_keys=True)
         with self._lock:
-            p = self._pipelines.get(key)
-        if p is None:
+            hit = self._pipelines.get(key)
+        if hit is None:
             p = Pipeline(ops)
-            p.declare(input_spec_of(self.store.manifest))
+            specs = p.declare(input_spec_of(self.store.manifest))  # kind errors raise here, before any work
+            dtypes = {k: ("bytes" if k == 0 else specs[k].dtype) for k in p.valid_splits}
+            hit = (p, specs, response_schema(specs[-1].kind, dtypes[len(p.ops)], dtypes))
             with self._lock:
                 if len(self._pipelines) > 64:
                     self._pipelines.clear()
-                self._pipelines[key] = p
-        return p
+                self._pipelines[key] = hit
+        return hit
+
+    def pipeline(self, ops: list[dict | str]) -> Pipeline:
+        """The validated pipeline for ``ops`` (cached; kind errors raise before any work)."""
+        return self._compiled(ops)[0]
+
+    def specs(self, ops: list[dict | str]) -> list:
+        """The declared spec after every prefix of ``ops`` on this store (cached)."""
+        return self._compiled(ops)[1]
 
     def schema(self, ops: list, *, batch_size: int | None = None, copies: int = 1) -> pa.Schema:
         """The response schema for ``ops`` on this store (the dtype after every valid prefix in its metadata).
         With ``batch_size`` (a new request), refuses (``ConfigError``) ops whose declared memory, ``copies``
         workers each holding the parameters and a batch of ``batch_size`` samples, exceeds the node's."""
-        pipe = self.pipeline(ops)
-        specs = pipe.declare(input_spec_of(self.store.manifest))
+        pipe, specs, schema = self._compiled(ops)
         if batch_size is not None:
             self._check_memory(pipe, specs, batch_size, copies)
-        dtypes = {k: ("bytes" if k == 0 else specs[k].dtype) for k in pipe.valid_splits}
-        return response_schema(specs[-1].kind, dtypes[len(pipe.ops)], dtypes)
+        return schema
 
     def _check_memory(self, pipe: Pipeline, specs: list, batch_size: int, copies: int) -> None:
         params = sum(s.param_bytes for s in specs[1:])

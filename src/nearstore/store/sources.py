@@ -44,6 +44,11 @@ class SampleSource(Protocol):
         that needs no more ops into its slot (``Fetched.data`` is then that slot), or ignore it."""
         ...
 
+    def batches_per_fetch(self, batch_size: int) -> int:
+        """How many consecutive batches the loader should ask for in one ``fetch`` (1: one at a time). A
+        source whose every request has a fixed cost (a network call) asks for more where that cost matters."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -72,6 +77,9 @@ class LocalSource:
                 continue
             out.append(Fetched(sid, ref.key, ref.label, shard, data, len(data)))
         return out
+
+    def batches_per_fetch(self, batch_size: int) -> int:
+        return 1  # a local read has no per-request cost to share
 
     def close(self) -> None:
         self.store.close()
