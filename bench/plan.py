@@ -10,8 +10,8 @@ does not take; on this 2-CPU machine the nodes share their one CPU).
 Each scenario runs in its own process (pinned with taskset where
 ``separate``): ``nearstore.plan`` profiles and calibrates (one loader run),
 predicts every split; then every split is measured with emulated training
-(about 4 s each at the predicted rate, at least 8 batches, the first 3 batches untimed), in two
-rounds (forward, then reverse order; the mean is reported). Per split:
+(about 4 s each at the predicted rate, at least 24 batches, the first 7 batches untimed), in three
+rounds (forward, reverse, forward order; the mean is reported). Per split:
 predicted vs measured samples/s and the error; per scenario: the choice's
 measured throughput against the best measured, the calibration runs made, and
 where planning time went. Goals (issue #11): every prediction within +-15%,
@@ -145,14 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="two scenarios, one round each")
     ap.add_argument("--only", nargs="*", type=int, default=None, help="scenario numbers (0-based) to run")
-    ap.add_argument("--rounds", type=int, default=None, help="measurements of each split (default 2; quick 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="measurements of each split (default 3; quick 1)")
     ap.add_argument("--seconds", type=float, default=None, help="seconds per measurement (default 4; quick 2)")
     ap.add_argument("--json", type=Path, required=True)
     # internal: run one scenario in this process (the parent pins it with taskset where the CPUs are separate)
     ap.add_argument("--scenario", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 4.0)
     if args.scenario is not None:
         r = run_scenario(args.store, args.scenario, rounds=rounds, seconds=seconds)

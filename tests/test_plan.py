@@ -105,6 +105,14 @@ def test_one_calibration_run_fits_the_overheads_and_the_cores_it_got():
                  "host_busy": 0.1, "wake_s": 0.0})
     # 0.85 of its one CPU busy: a short run's idle time is not taken for the set's limit (it never lowers a set)
     assert sep.calibration["bound_by"] == "node_cpus" and sep.cpu_rates == {}
+    fit(sep, 2, {"node_cpu_s": 0.006, "host_cpu_s": 0.0, "samples_per_s": 160.0, "node_busy": [0.5, 0.5],
+                 "host_busy": 0.1, "wake_s": 0.0})
+    # the nodes ran both stages: the 1 ms beyond their profiles is those stages running slower beside other
+    # work, so it scales the nodes' CPU (x1.2) instead of adding 1 ms to every split
+    assert sep.node_overhead_s == 0.0 and sep.node_cpu_scale == pytest.approx(1.2)
+    by = {p.split: p for p in predict(sep)}
+    assert by[2].samples_per_s == pytest.approx(1 / 0.006) and by[2].bottleneck == "node_cpus"
+    assert by[1].samples_per_s == pytest.approx(1 / (0.004 * 1.2))  # decode only: 4.8 ms, not 4 + 1
 
 
 def test_choice_breaks_ties_within_the_measurement_noise():
@@ -215,3 +223,17 @@ def test_recorded_scenarios_replay_their_predictions_and_choices(i):
         assert p.bottleneck == r["predicted_bottleneck"]
     assert choose(preds, noise=m.noise)[0] == sc["choice"]
     assert sc["calibration"]["runs"] <= 1
+
+
+@pytest.mark.parametrize("i", range(len(_recorded())))
+def test_recorded_calibrations_refit_to_the_recorded_measurements(i):
+    """fit() is pure: the scenario's calibration run, folded again into its measurements, gives back the
+    overheads, scales and cores the benchmark's planner used."""
+    sc = _recorded()[i]
+    m = Measurements(**sc["measurements"])
+    cal = m.calibration
+    run = {k: cal[k] for k in ("node_cpu_s", "host_cpu_s", "node_busy", "host_busy", "samples_per_s")}
+    again = Measurements(**sc["measurements"])
+    fit(again, cal["split"], {**run, "wake_s": m.wake_s})
+    for name in ("node_overhead_s", "host_overhead_s", "node_cpu_scale", "host_cpu_scale", "cpu_rates"):
+        assert getattr(again, name) == pytest.approx(getattr(m, name), rel=1e-9), (sc["name"], name)
