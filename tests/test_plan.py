@@ -103,8 +103,13 @@ def test_one_calibration_run_fits_the_overheads_and_the_cores_it_got():
     sep = _m(host_cpus=[0], node_cpus=[[1], [1]], host_workers=4, node_workers=4)  # nodes bound on their CPU
     fit(sep, 2, {"node_cpu_s": 0.005, "host_cpu_s": 0.0, "samples_per_s": 500.0, "node_busy": [0.45, 0.4],
                  "host_busy": 0.1, "wake_s": 0.0})
-    # 0.85 of its one CPU busy: a short run's idle time is not taken for the set's limit (it never lowers a set)
-    assert sep.calibration["bound_by"] == "node_cpus" and sep.cpu_rates == {}
+    # 0.85 of the nodes' one CPU busy: the nodes left their set idle at times, which lowers it by at most a tenth
+    assert sep.calibration["bound_by"] == "node_cpus" and sep.cpu_rates == {"node_cpus": pytest.approx(0.9)}
+    busy_loader = _m(host_cpus=[0], node_cpus=[[1], [1]], host_workers=4, node_workers=4)
+    fit(busy_loader, 0, {"node_cpu_s": 0.0, "host_cpu_s": 0.005, "samples_per_s": 150.0, "node_busy": [0.0, 0.0],
+                         "host_busy": 0.75, "wake_s": 0.0})
+    # the loader's own set is never lowered: a short run's idle time is as often its start-up as the set's limit
+    assert busy_loader.calibration["bound_by"] == "cpu" and busy_loader.cpu_rates == {}
     fit(sep, 2, {"node_cpu_s": 0.006, "host_cpu_s": 0.0, "samples_per_s": 160.0, "node_busy": [0.5, 0.5],
                  "host_busy": 0.1, "wake_s": 0.0})
     # the nodes ran both stages: the 1 ms beyond their profiles is those stages running slower beside other
