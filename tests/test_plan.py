@@ -112,12 +112,15 @@ def test_one_calibration_run_fits_the_overheads_and_the_cores_it_got():
     assert busy_loader.calibration["bound_by"] == "cpu" and busy_loader.cpu_rates == {}
     fit(sep, 2, {"node_cpu_s": 0.006, "host_cpu_s": 0.0, "samples_per_s": 160.0, "node_busy": [0.5, 0.5],
                  "host_busy": 0.1, "wake_s": 0.0})
-    # the nodes ran both stages: the 1 ms beyond their profiles is those stages running slower beside other
-    # work, so it scales the nodes' CPU (x1.2) instead of adding 1 ms to every split
-    assert sep.node_overhead_s == 0.0 and sep.node_cpu_scale == pytest.approx(1.2)
+    # the nodes ran both stages: of the 1 ms beyond their profiles, a row's overhead (at most 0.2 ms) is per
+    # sample; the rest is those stages running slower beside other work: it scales the nodes' CPU (x1.16)
+    assert sep.node_overhead_s == pytest.approx(0.0002) and sep.node_cpu_scale == pytest.approx(1.16)
     by = {p.split: p for p in predict(sep)}
     assert by[2].samples_per_s == pytest.approx(1 / 0.006) and by[2].bottleneck == "node_cpus"
-    assert by[1].samples_per_s == pytest.approx(1 / (0.004 * 1.2))  # decode only: 4.8 ms, not 4 + 1
+    assert by[1].samples_per_s == pytest.approx(1 / (0.004 * 1.16 + 0.0002))  # decode only: 4.84 ms, not 5
+    fit(sep, 2, {"node_cpu_s": 0.0051, "host_cpu_s": 0.0, "samples_per_s": 190.0, "node_busy": [0.5, 0.5],
+                 "host_busy": 0.1, "wake_s": 0.0})
+    assert sep.node_overhead_s == pytest.approx(0.0001) and sep.node_cpu_scale == 1.0  # within a row's overhead
 
 
 def test_choice_breaks_ties_within_the_measurement_noise():
