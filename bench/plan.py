@@ -58,6 +58,11 @@ SCENARIOS: dict[str, tuple] = {
     "resnet50, 10 MB/s, 2 nodes, separate": ("synth", "resnet50", 10.0, 2, 1.0, "separate", None),
 }
 QUICK = ["images, 25 MB/s, 2 nodes, shared", "mobilenet_v2, 2 MB/s, 2 nodes, shared"]
+#: scenarios no planner rule was chosen on (`--held-out`): other node counts, caps and CPU sets per network
+HELD_OUT: dict[str, tuple] = {
+    "resnet18, 2 MB/s, 3 nodes, shared": ("synth", "resnet18", 2.0, 3, 1.0, "shared", None),
+    "mobilenet_v2, 10 MB/s, 3 nodes, separate": ("synth", "mobilenet_v2", 10.0, 3, 1.0, "separate", None),
+}
 #: untimed batches before a split's window opens: the loader's read-ahead (prefetch 4 + 2 workers) once, plus
 #: one. Requests in flight at start-up all began together and finish in a clump; with 3 warm-up batches a slow,
 #: link-bound split (9 timed batches) measured up to 9% above its link's cap
@@ -85,7 +90,7 @@ def log(msg: str) -> None:
 def run_scenario(store: Path, name: str, *, rounds: int, seconds: float) -> dict:
     """Plan once, then measure every split ``rounds`` times, forward then reverse order (so a machine that
     speeds up or slows down during the scenario does not favour one split); measured = the mean."""
-    source, kind, cap, nodes, slowdown, cpus, step = SCENARIOS[name]
+    source, kind, cap, nodes, slowdown, cpus, step = {**SCENARIOS, **HELD_OUT}[name]
     pipe = pipeline_of(kind)
     batch = 16 if kind != "images" or source == "large" else 64
     node_cpus = [max(os.sched_getaffinity(0)) + 1] if cpus == "separate" else None
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="two scenarios, one round each")
     ap.add_argument("--only", nargs="*", type=int, default=None, help="scenario numbers (0-based) to run")
+    ap.add_argument("--held-out", action="store_true", help="only the scenarios no planner rule was chosen on")
     ap.add_argument("--rounds", type=int, default=None, help="measurements of each split (default 3; quick 1)")
     ap.add_argument("--seconds", type=float, default=None, help="seconds per measurement (default 4; quick 2)")
     ap.add_argument("--json", type=Path, required=True)
@@ -159,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(r, indent=1))
         return 0
     names = list(SCENARIOS)
-    chosen = QUICK if args.quick else [names[i] for i in args.only] if args.only is not None else names
+    chosen = (list(HELD_OUT) if args.held_out else QUICK if args.quick else
+              [names[i] for i in args.only] if args.only is not None else names)
     out: dict = {"quick": args.quick, "rounds": rounds, "seconds_per_measurement": seconds,
                  "cpus_here": sorted(os.sched_getaffinity(0)), "scenarios": []}
     with tempfile.TemporaryDirectory(prefix="nearstore-plan-") as tmp:
         work = Path(tmp)
         stores = make_stores(work, args.quick)
         for name in chosen:
-            source, _, _, nodes, _, cpus, _ = SCENARIOS[name]
+            source, _, _, nodes, _, cpus, _ = {**SCENARIOS, **HELD_OUT}[name]
             log(name)
             one = work / "scenario.json"
             cmd = [sys.executable, __file__, "--scenario", name, "--store", str(stores[f"{source}-{nodes}"]),

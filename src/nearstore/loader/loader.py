@@ -300,7 +300,7 @@ class Loader:
             """Submit fetches of ``group`` consecutive batches (fewer at an epoch's end) while that many
             prefetch slots are free, so the source is asked for whole groups, not one batch at a time."""
             nonlocal upcoming
-            while upcoming is not None and self.prefetch - len(pending) >= min(group, self.prefetch):
+            while upcoming is not None and self.prefetch - len(pending) >= group:  # group <= prefetch
                 e, j, share, total = upcoming
                 indices = [j]
                 upcoming = next(todo, None)

@@ -523,7 +523,7 @@ def fit(m: Measurements, k: int, run: dict) -> None:
         # slower than when profiled alone (caches and memory bandwidth shared with the loader and the other
         # nodes), so it scales the nodes' profiled CPU and a split that runs less on them carries less of it
         # (replayed over recorded accuracy runs g-p: 110 of 121 choices within 5% of the best measured split,
-        # against 104 when it all was a per-sample overhead at every split; 631 of 662 predictions within 15%,
+        # against 104 when it all was a per-sample overhead at every split; 627 of 662 predictions within 15%,
         # against 625)
         m.node_overhead_s = NODE_ROW_OVERHEAD_S
         m.node_cpu_scale = (run["node_cpu_s"] - NODE_ROW_OVERHEAD_S) / node_model
@@ -544,9 +544,9 @@ def fit(m: Measurements, k: int, run: dict) -> None:
         # recorded accuracy runs: 263 of 284 predictions within 15%, against 257 when it could). A nodes' set
         # the run did not fill is lowered, by at most NODE_SET_FLOOR: the nodes' request pipeline (a worker
         # per node, requests served in order, sends waiting on the link) left it idle at times (ResNet-50's
-        # layer3 split, two nodes on one CPU: 0.84-0.90 of it busy, predicted 13-23% high in six runs;
-        # replayed over runs g-p with the rule above: 631 of 662 predictions within 15% against 627, choices
-        # unchanged)
+        # layer3 split, two nodes on one CPU: 0.81-0.95 of it busy in calibration, predicted 13-23% high in
+        # seven runs; replayed over runs g-p with the rule above: 631 of 662 predictions within 15% against
+        # 627, choices unchanged)
         if busy > cores[at_k.bottleneck]:
             m.cpu_rates[at_k.bottleneck] = min(busy, cores[at_k.bottleneck] / m.core_efficiency)
         elif at_k.bottleneck != host_group and busy < cores[at_k.bottleneck]:
